@@ -1,0 +1,232 @@
+"""Typed run configuration: YAML files plus dotted `key=value` overrides.
+
+The schema is a tree of dataclasses checked by OmegaConf: an unknown key or a value of the
+wrong type is rejected while the config is read, and `validate()` rejects impossible values,
+so a typo stops the run before any process group, data or model exists.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A user mistake in the configuration; the message names the key and what to do."""
+
+
+@dataclass
+class RunConfig:
+    dir: Optional[str] = None  # default: runs/<YYYYmmdd-HHMMSS>, agreed by all ranks
+    seed: int = 0
+    name: str = "gan"
+    threads: int = 0  # CPU threads per process; 0: the cores divided among this node's processes
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1500  # total G updates; a resumed run continues up to this number
+    batch_size: int = 64  # per process and per micro-batch
+    grad_accum: int = 1  # micro-batches per update
+    d_steps: int = 1  # D updates per G update
+    precision: str = "bf16"  # fp32 | bf16 | fp16
+    loss: str = "nonsaturating"  # nonsaturating | minimax
+    lr_g: float = 2e-4
+    lr_d: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    channels_last: bool = False
+    compile: bool = False
+    log_every: int = 25
+    sample_every: int = 250
+    ckpt_every: int = 500
+    keep_ckpts: int = 3
+    resume: Optional[str] = None
+    max_nonfinite: int = 20
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "dcgan"
+    resolution: int = 32  # 32 | 64
+    channels: int = 1  # 1 | 3
+    nz: int = 100
+    ngf: int = 64
+    ndf: int = 64
+    norm: str = "batch"  # batch | none
+
+
+@dataclass
+class DataConfig:
+    urls: Optional[Any] = None  # brace pattern, list, directory or manifest; unset: demo digits
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    mode: str = "epoch"  # epoch | stream
+    flip: bool = False
+    allow_pipe: bool = False
+    max_skip_fraction: float = 0.01
+    prefetch_factor: int = 2
+
+
+@dataclass
+class FSDPConfig:
+    reshard_after_forward: bool = True
+    param_dtype: Optional[str] = None  # bf16 | fp32; unset: follows train.precision
+    reduce_dtype: str = "fp32"
+    cpu_offload: bool = False
+
+
+@dataclass
+class DeepSpeedConfig:
+    config: Optional[str] = None  # a DeepSpeed JSON; unset: built from zero_stage and precision
+    zero_stage: int = 2
+
+
+@dataclass
+class ParallelConfig:
+    strategy: str = "auto"  # auto | none | ddp | fsdp | deepspeed
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+
+@dataclass
+class EMAConfig:
+    enabled: bool = True
+    half_life_kimg: float = 10.0
+    rampup: Optional[float] = 0.05
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # 0: only at the end
+    num_samples: int = 2000
+    extractor: str = "digits"  # digits | inception
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+CHOICES = {
+    "train.precision": ("fp32", "bf16", "fp16"),
+    "train.loss": ("nonsaturating", "minimax"),
+    "model.arch": ("dcgan",),
+    "model.resolution": (32, 64),
+    "model.channels": (1, 3),
+    "model.norm": ("batch", "none"),
+    "data.mode": ("epoch", "stream"),
+    "parallel.strategy": ("auto", "none", "ddp", "fsdp", "deepspeed"),
+    "parallel.fsdp.param_dtype": (None, "bf16", "fp32"),
+    "parallel.fsdp.reduce_dtype": ("bf16", "fp32"),
+    "parallel.deepspeed.zero_stage": (0, 1, 2, 3),
+    "eval.extractor": ("digits", "inception"),
+}
+POSITIVE = ("train.steps", "train.batch_size", "train.grad_accum", "train.d_steps",
+            "train.log_every", "train.sample_every", "train.ckpt_every", "train.keep_ckpts",
+            "train.max_nonfinite", "model.nz", "model.ngf", "model.ndf", "data.shuffle_buffer",
+            "data.prefetch_factor", "eval.num_samples")
+NON_NEGATIVE = ("run.threads", "data.num_workers", "eval.every")
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Reject impossible values, naming the key."""
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            shown = ", ".join("null" if a is None else str(a) for a in allowed)
+            raise ConfigError(f"{key}={value!r} is not one of: {shown}")
+    for key in POSITIVE:
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f"{key}={_get(cfg, key)!r} must be a positive integer")
+    for key in NON_NEGATIVE:
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{key}={_get(cfg, key)!r} must be >= 0")
+    for key in ("train.lr_g", "train.lr_d"):
+        if not _get(cfg, key) > 0:
+            raise ConfigError(f"{key}={_get(cfg, key)!r} must be > 0")
+    for key in ("train.beta1", "train.beta2"):
+        if not 0 <= _get(cfg, key) < 1:
+            raise ConfigError(f"{key}={_get(cfg, key)!r} must be in [0, 1)")
+    if not 0 <= cfg.data.max_skip_fraction <= 1:
+        raise ConfigError(f"data.max_skip_fraction={cfg.data.max_skip_fraction!r} must be in [0, 1]")
+    if cfg.ema.half_life_kimg < 0:
+        raise ConfigError(f"ema.half_life_kimg={cfg.ema.half_life_kimg!r} must be >= 0")
+    urls = cfg.data.urls
+    if urls is not None and not isinstance(urls, (str, list, tuple)):
+        raise ConfigError(f"data.urls must be a string or a list of strings, got {type(urls).__name__}")
+    if isinstance(urls, (list, tuple)) and not all(isinstance(u, str) for u in urls):
+        raise ConfigError("data.urls: every entry of the list must be a string")
+
+
+def _error_message(exc: OmegaConfBaseException, source: str) -> str:
+    key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
+    msg = getattr(exc, "msg", None) or str(exc).splitlines()[0]
+    if type(exc).__name__ == "ConfigKeyError" or "not in" in msg:
+        return (f"unknown config key {key!r} (from {source}). "
+                f"Run `python -m gan_dist.train --print-config` to list the keys.")
+    return f"bad value for config key {key!r} (from {source}): {msg}"
+
+
+def load_config(path: Optional[str | Path] = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Schema defaults <- YAML file <- dotted overrides, then validate."""
+    merged = OmegaConf.structured(Config)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        except OmegaConfBaseException as exc:
+            raise ConfigError(_error_message(exc, str(path))) from None
+        except Exception as exc:  # YAML syntax
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.steps=30)")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as exc:
+            raise ConfigError(_error_message(exc, f"override {item!r}")) from None
+    try:
+        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_error_message(exc, "config")) from None
+    if isinstance(cfg.data.urls, tuple):
+        cfg.data.urls = list(cfg.data.urls)
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def was_set(overrides: list[str] | tuple[str, ...], path: Optional[str | Path], key: str) -> bool:
+    """Whether the user chose `key` explicitly (on the command line or in the YAML file)."""
+    if any(o.split("=", 1)[0].strip() == key for o in overrides):
+        return True
+    if path is not None and Path(path).is_file():
+        node = OmegaConf.load(path)
+        return OmegaConf.select(node, key, default=None) is not None
+    return False

@@ -1,0 +1,165 @@
+"""Process group setup from whatever launched us, rank helpers and a clean teardown.
+
+Every launcher describes the job in environment variables: torchrun and `accelerate launch`
+set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; `srun` running the script
+directly sets SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID. We read them ourselves and call
+`init_process_group` ourselves, so that N processes are always ONE job of world size N
+(`accelerate launch --multi_gpu` on a CPU machine otherwise gives N independent runs).
+"""
+from __future__ import annotations
+
+import datetime
+import gc
+import os
+import subprocess
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    node_rank: int
+    device: torch.device
+    backend: Optional[str]  # None in a single process without a process group
+    launcher: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend is not None
+
+
+def _env_int(name: str, default: Optional[int] = None) -> Optional[int]:
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else default
+
+
+def _slurm_master_addr() -> str:
+    nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "")
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
+                             text=True, timeout=30, check=True).stdout.split()
+        return out[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return "127.0.0.1"
+
+
+def detect_launcher(env: Optional[dict] = None) -> dict[str, Any]:
+    """Rank layout and rendezvous described by the environment (no side effects)."""
+    env = dict(os.environ) if env is None else env
+    get = lambda k, d=None: int(env[k]) if env.get(k, "") != "" else d  # noqa: E731
+    if "RANK" in env and "WORLD_SIZE" in env:
+        launcher = "accelerate" if "ACCELERATE_MIXED_PRECISION" in env else (
+            "torchrun" if "TORCHELASTIC_RUN_ID" in env else "env")
+        world = get("WORLD_SIZE")
+        local_world = get("LOCAL_WORLD_SIZE", world)
+        return dict(launcher=launcher, rank=get("RANK"), world_size=world,
+                    local_rank=get("LOCAL_RANK", 0), local_world_size=local_world,
+                    node_rank=get("GROUP_RANK", get("NODE_RANK", get("RANK") // max(local_world, 1))),
+                    master_addr=env.get("MASTER_ADDR"), master_port=env.get("MASTER_PORT"))
+    if get("SLURM_NTASKS", 1) > 1 and "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
+        job = get("SLURM_JOB_ID", 0)
+        return dict(launcher="srun", rank=get("SLURM_PROCID"), world_size=get("SLURM_NTASKS"),
+                    local_rank=get("SLURM_LOCALID", 0),
+                    local_world_size=get("SLURM_NTASKS_PER_NODE", get("SLURM_NTASKS")),
+                    node_rank=get("SLURM_NODEID", 0),
+                    master_addr=env.get("MASTER_ADDR"),
+                    master_port=env.get("MASTER_PORT", str(20000 + job % 20000)))
+    return dict(launcher="python", rank=0, world_size=1, local_rank=0, local_world_size=1,
+                node_rank=0, master_addr=None, master_port=None)
+
+
+def init_distributed(timeout_s: Optional[float] = None) -> DistInfo:
+    """Join the job described by the environment. NCCL with CUDA, gloo otherwise."""
+    info = detect_launcher()
+    if torch.cuda.is_available():
+        device = torch.device("cuda", info["local_rank"] % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if info["world_size"] <= 1:
+        return DistInfo(0, 1, 0, 1, 0, device, None, info["launcher"])
+    if info["launcher"] == "srun":
+        os.environ.setdefault("MASTER_ADDR", info["master_addr"] or _slurm_master_addr())
+        os.environ.setdefault("MASTER_PORT", str(info["master_port"]))
+    if not os.environ.get("MASTER_ADDR") or not os.environ.get("MASTER_PORT"):
+        raise RuntimeError(
+            f"WORLD_SIZE={info['world_size']} but MASTER_ADDR/MASTER_PORT are not set: "
+            "start the job with torchrun, accelerate launch or launch/slurm.sh")
+    if timeout_s is None:
+        timeout_s = float(os.environ.get("GAN_DIST_PG_TIMEOUT", 1800))
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, rank=info["rank"], world_size=info["world_size"],
+                                timeout=datetime.timedelta(seconds=timeout_s),
+                                device_id=device if backend == "nccl" else None)
+    return DistInfo(info["rank"], info["world_size"], info["local_rank"],
+                    info["local_world_size"], info["node_rank"], device, backend, info["launcher"])
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s value of a small picklable object, on every rank."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    if is_distributed():
+        t = t.clone()
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if is_distributed():
+        t = t.clone()
+        dist.all_reduce(t)
+    return t
+
+
+def teardown(clean: bool = True) -> None:
+    """Leave the process group; callers drop their wrappers and optimizers first.
+
+    gloo aborts at interpreter exit when DDP reducers outlive the process group; collecting
+    them, then a barrier before destroy_process_group makes exit clean. After a failure
+    (`clean=False`) the other ranks may never reach a barrier, so none is attempted.
+    """
+    gc.collect()
+    if is_distributed():
+        try:
+            if clean:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()

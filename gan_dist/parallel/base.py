@@ -1,0 +1,160 @@
+"""The small interface the training loop talks to, and the part every strategy shares.
+
+The loop asks questions ("which callable is G?", "enter the D phase", "backward this loss
+for D", "step D"); each strategy answers them. The phase contexts are where the exact
+gradient syncing lives:
+
+* ``phase("D", sync)``: D trains. Its gradients are reduced once, on the backward of the
+  last micro-batch (``sync=True``); earlier micro-batches only accumulate locally.
+* ``phase("G", sync)``: G trains and D is frozen: D's parameters do not require grad (no D
+  gradients are computed) and D's synchronisation is off (none are reduced), while the
+  gradient still flows through D into G.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import nn
+
+from gan_dist.distributed import DistInfo
+
+NAMES = ("G", "D")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Precision:
+    """Autocast for the forward passes and one loss scaler per model (fp16 only)."""
+
+    def __init__(self, precision: str, device: torch.device) -> None:
+        self.name = precision
+        self.device = device
+        self.dtype = DTYPES[precision]
+        if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise RuntimeError("train.precision=bf16 but this GPU has no bf16 support: use fp16 or fp32")
+        self.scalers = {n: torch.amp.GradScaler(device.type, enabled=precision == "fp16") for n in NAMES}
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.name == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """Parameters of `module` stop requiring grad for the duration (no grads are computed)."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+class Strategy:
+    """No distribution: one process. Subclasses override the wrap and sync hooks."""
+
+    name = "none"
+
+    def __init__(self, info: DistInfo, train_cfg: Any, parallel_cfg: Any) -> None:
+        self.info = info
+        self.device = info.device
+        self.train_cfg = train_cfg
+        self.parallel_cfg = parallel_cfg
+        self.precision = Precision(train_cfg.precision, info.device)
+        self.raw: dict[str, nn.Module] = {}
+        self.wrapped: dict[str, nn.Module] = {}
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+
+    # ---- building -------------------------------------------------------------------------
+    def setup(self, G: nn.Module, D: nn.Module) -> None:
+        """Move to the device, wrap, and build the optimizers (after wrapping: FSDP shards)."""
+        for name, module in (("G", G), ("D", D)):
+            module = module.to(self.device)
+            if self.train_cfg.channels_last:
+                module = module.to(memory_format=torch.channels_last)
+            self.raw[name] = module
+            self.wrapped[name] = self.wrap(module, name)
+            self.optimizers[name] = self.make_optimizer(self.wrapped[name], name)
+
+    def wrap(self, module: nn.Module, name: str) -> nn.Module:
+        return module
+
+    def make_optimizer(self, module: nn.Module, name: str) -> torch.optim.Optimizer:
+        lr = self.train_cfg.lr_g if name == "G" else self.train_cfg.lr_d
+        return torch.optim.Adam(module.parameters(), lr=lr,
+                                betas=(self.train_cfg.beta1, self.train_cfg.beta2),
+                                foreach=True)
+
+    @property
+    def G(self) -> nn.Module:
+        return self.wrapped["G"]
+
+    @property
+    def D(self) -> nn.Module:
+        return self.wrapped["D"]
+
+    # ---- phases ---------------------------------------------------------------------------
+    def no_sync(self, name: str) -> contextlib.AbstractContextManager:
+        """Gradients of `name` computed inside are not reduced across ranks."""
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def phase(self, trained: str, sync: bool = True) -> Iterator[None]:
+        other = "D" if trained == "G" else "G"
+        with contextlib.ExitStack() as stack:
+            if not sync:
+                stack.enter_context(self.no_sync(trained))
+            if trained == "G":
+                stack.enter_context(frozen(self.raw[other]))
+                stack.enter_context(self.no_sync(other))
+            yield
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return self.precision.autocast()
+
+    # ---- updates --------------------------------------------------------------------------
+    def backward(self, loss: torch.Tensor, trained: str) -> None:
+        self.precision.scalers[trained].scale(loss).backward()
+
+    def unscale_(self, trained: str) -> None:
+        """Bring gradients to their true scale (fp16) before inspecting them."""
+        scaler = self.precision.scalers[trained]
+        if scaler.is_enabled():
+            scaler.unscale_(self.optimizers[trained])
+
+    def step(self, trained: str) -> None:
+        scaler = self.precision.scalers[trained]
+        opt = self.optimizers[trained]
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+
+    def zero_grad(self, trained: str) -> None:
+        self.optimizers[trained].zero_grad(set_to_none=True)
+
+    def grads(self, trained: str) -> list[torch.Tensor]:
+        """This rank's gradient tensors of `trained` (local shards for sharded strategies)."""
+        return [p.grad for p in self.raw[trained].parameters() if p.grad is not None]
+
+    # ---- state ----------------------------------------------------------------------------
+    def sync_buffers(self) -> None:
+        """Make buffers (BatchNorm statistics) equal on every rank before saving. Collective."""
+
+    def full_state_dict(self, name: str) -> Optional[dict[str, torch.Tensor]]:
+        """The whole model's state_dict on CPU, on rank 0 (None elsewhere). Collective."""
+        if not self.info.is_main:
+            return None
+        return {k: v.detach().cpu().clone() for k, v in self.raw[name].state_dict().items()}
+
+    def sample_module(self, name: str = "G") -> nn.Module:
+        """A module that this rank alone may call (no collectives in its forward)."""
+        return self.raw[name]
+
+    def close(self) -> None:
+        self.wrapped.clear()
+        self.optimizers.clear()
+        self.raw.clear()
