@@ -1,0 +1,74 @@
+"""Config: typed schema, YAML + dotted overrides, errors that name the key."""
+from __future__ import annotations
+
+import pytest
+
+from gan_dist.config import ConfigError, load_config
+from gan_dist.train import apply_launcher_requests, launcher_requests
+from tests._mp import PYTHON, REPO, base_env, run
+
+
+def test_defaults_yaml_and_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  steps: 7\nmodel:\n  norm: none\n")
+    cfg = load_config(f, ["train.batch_size=3", "run.dir=/tmp/r", "data.urls=[a.tar,b.tar]"])
+    assert cfg.train.steps == 7 and cfg.model.norm == "none"
+    assert cfg.train.batch_size == 3 and cfg.run.dir == "/tmp/r"
+    assert cfg.data.urls == ["a.tar", "b.tar"]
+    assert load_config().train.precision in ("fp32", "bf16", "fp16")
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.stepz=3", "train.stepz"),
+    ("modle.norm=none", "modle"),
+    ("train.batch_size=0", "train.batch_size"),
+    ("train.batch_size=abc", "train.batch_size"),
+    ("train.precision=fp8", "train.precision"),
+    ("model.norm=group", "model.norm"),
+    ("parallel.strategy=horovod", "parallel.strategy"),
+    ("train.lr_g=-1", "train.lr_g"),
+])
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_bad_yaml_file_names_the_file_and_key(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("train:\n  steeps: 3\n")
+    with pytest.raises(ConfigError, match=r"train\.steeps"):
+        load_config(f)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.nope=1", "train.nope"), ("train.batch_size=0", "train.batch_size"),
+    ("train.precision=fp8", "train.precision")])
+def test_cli_exits_nonzero_naming_the_key_before_any_work(tmp_path, override, key):
+    res = run([PYTHON, "-m", "gan_dist.train", override, f"run.dir={tmp_path}/run"], check=False,
+              cwd=REPO, timeout=120)
+    assert res.returncode == 2
+    assert key in res.stderr and "config error" in res.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_print_config_lists_keys():
+    res = run([PYTHON, "-m", "gan_dist.train", "--print-config", "train.steps=11"], cwd=REPO, timeout=120)
+    assert "steps: 11" in res.stdout and "strategy: auto" in res.stdout
+
+
+def test_accelerate_settings_are_honoured_or_refused():
+    env = {"ACCELERATE_MIXED_PRECISION": "fp16", "ACCELERATE_USE_FSDP": "true"}
+    assert launcher_requests(env) == {"train.precision": "fp16", "parallel.strategy": "fsdp"}
+    assert launcher_requests({"ACCELERATE_MIXED_PRECISION": "no"}) == {}
+    cfg = load_config(None, [])
+    apply_launcher_requests(cfg, None, [], env)
+    assert cfg.train.precision == "fp16" and cfg.parallel.strategy == "fsdp"
+    cfg = load_config(None, ["train.precision=bf16"])
+    with pytest.raises(ConfigError, match="train.precision"):
+        apply_launcher_requests(cfg, None, ["train.precision=bf16"], {"ACCELERATE_MIXED_PRECISION": "fp16"})
+    with pytest.raises(ConfigError, match="fp8"):
+        apply_launcher_requests(load_config(), None, [], {"ACCELERATE_MIXED_PRECISION": "fp8"})
+    with pytest.raises(ConfigError, match="dynamo"):
+        apply_launcher_requests(load_config(), None, [], {"ACCELERATE_DYNAMO_BACKEND": "EAGER"})
