@@ -29,7 +29,7 @@ class RunConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 1500  # total G updates; a resumed run continues up to this number
+    steps: int = 1000  # total G updates; a resumed run continues up to this number
     batch_size: int = 64  # per process and per micro-batch
     grad_accum: int = 1  # micro-batches per update
     d_steps: int = 1  # D updates per G update
@@ -43,10 +43,11 @@ class TrainConfig:
     compile: bool = False
     log_every: int = 25
     sample_every: int = 250
-    ckpt_every: int = 500
-    keep_ckpts: int = 3
-    resume: Optional[str] = None
-    max_nonfinite: int = 20
+    ckpt_every: int = 500  # also saved at the end and on SIGTERM/SIGUSR1/SIGINT
+    keep_ckpts: int = 3  # newest checkpoints kept
+    ckpt_dir: Optional[str] = None  # unset: <run.dir>/checkpoints; every rank must see it
+    resume: Optional[str] = None  # a checkpoint or run directory, used when run.dir has no checkpoint yet
+    max_nonfinite: int = 20  # consecutive steps with NaN/Inf loss or gradient before the run stops
 
 
 @dataclass
@@ -55,8 +56,8 @@ class ModelConfig:
     resolution: int = 32  # 32 | 64
     channels: int = 1  # 1 | 3
     nz: int = 100
-    ngf: int = 64
-    ndf: int = 64
+    ngf: int = 32  # the demo's width; the DCGAN paper's is 64 (configs/dcgan_64.yaml)
+    ndf: int = 32
     norm: str = "batch"  # batch | none
 
 
@@ -74,16 +75,21 @@ class DataConfig:
 
 @dataclass
 class FSDPConfig:
+    # free the gathered parameters after each block's forward (ZeRO-3 style); false keeps them
+    # until the backward (ZeRO-2 style: less communication, more memory)
     reshard_after_forward: bool = True
-    param_dtype: Optional[str] = None  # bf16 | fp32; unset: follows train.precision
-    reduce_dtype: str = "fp32"
-    cpu_offload: bool = False
+    param_dtype: Optional[str] = None  # fp32 | bf16 | fp16; unset: follows train.precision
+    reduce_dtype: str = "fp32"  # dtype of the gradient reduce-scatter
+    cpu_offload: bool = False  # sharded parameters, gradients and optimizer state live on the CPU
 
 
 @dataclass
 class DeepSpeedConfig:
-    config: Optional[str] = None  # a DeepSpeed JSON; unset: built from zero_stage and precision
-    zero_stage: int = 2
+    config: Optional[str] = None  # a DeepSpeed JSON (configs/deepspeed/); unset: built from the keys below
+    zero_stage: Optional[int] = None  # 0-3; unset: the JSON's stage, else 2
+    gradient_clipping: float = 0.0  # max global gradient norm per model; 0: off
+    offload_optimizer: str = "none"  # none | cpu (ZeRO-Offload of optimizer state, stages 1-3)
+    offload_param: str = "none"  # none | cpu (parameters, stage 3 only)
 
 
 @dataclass
@@ -127,9 +133,11 @@ CHOICES = {
     "model.norm": ("batch", "none"),
     "data.mode": ("epoch", "stream"),
     "parallel.strategy": ("auto", "none", "ddp", "fsdp", "deepspeed"),
-    "parallel.fsdp.param_dtype": (None, "bf16", "fp32"),
-    "parallel.fsdp.reduce_dtype": ("bf16", "fp32"),
-    "parallel.deepspeed.zero_stage": (0, 1, 2, 3),
+    "parallel.fsdp.param_dtype": (None, "fp32", "bf16", "fp16"),
+    "parallel.fsdp.reduce_dtype": ("fp32", "bf16", "fp16"),
+    "parallel.deepspeed.zero_stage": (None, 0, 1, 2, 3),
+    "parallel.deepspeed.offload_optimizer": ("none", "cpu"),
+    "parallel.deepspeed.offload_param": ("none", "cpu"),
     "eval.extractor": ("digits", "inception"),
 }
 POSITIVE = ("train.steps", "train.batch_size", "train.grad_accum", "train.d_steps",
@@ -168,6 +176,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.max_skip_fraction={cfg.data.max_skip_fraction!r} must be in [0, 1]")
     if cfg.ema.half_life_kimg < 0:
         raise ConfigError(f"ema.half_life_kimg={cfg.ema.half_life_kimg!r} must be >= 0")
+    ds = cfg.parallel.deepspeed
+    if ds.gradient_clipping < 0:
+        raise ConfigError(f"parallel.deepspeed.gradient_clipping={ds.gradient_clipping!r} must be >= 0 (0: off)")
+    if ds.config is not None and not Path(ds.config).is_file():
+        raise ConfigError(f"parallel.deepspeed.config={ds.config!r}: no such file "
+                          "(see configs/deepspeed/ for examples)")
     urls = cfg.data.urls
     if urls is not None and not isinstance(urls, (str, list, tuple)):
         raise ConfigError(f"data.urls must be a string or a list of strings, got {type(urls).__name__}")
