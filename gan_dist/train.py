@@ -101,7 +101,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
 
     from gan_dist import distributed as gdist
+    from gan_dist.checkpoint import CheckpointError
     from gan_dist.data import DataError
+    from gan_dist.faults import EXIT_CHECKPOINT, EXIT_NONFINITE, EXIT_RETRY, NonFiniteError
     from gan_dist.trainer import Trainer
 
     info = gdist.init_distributed()
@@ -110,16 +112,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     code = 1
     try:
         trainer = Trainer(cfg, info)
-        trainer.fit()
-        code = 0
+        code = trainer.fit()
     except (ConfigError, DataError, NotImplementedError) as exc:
         print(f"gan_dist: error: {exc}", file=sys.stderr)
         code = EXIT_CONFIG
+    except CheckpointError as exc:
+        print(f"gan_dist: checkpoint error: {exc}", file=sys.stderr)
+        code = EXIT_CHECKPOINT
+    except NonFiniteError as exc:
+        print(f"gan_dist: error: {exc}", file=sys.stderr)
+        code = EXIT_NONFINITE
     finally:
         if trainer is not None:
             trainer.close()
         del trainer
-        gdist.teardown(clean=code == 0)
+        gdist.teardown(clean=code in (0, EXIT_RETRY))
     return code
 
 

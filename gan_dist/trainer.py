@@ -17,9 +17,12 @@ import numpy as np
 import torch
 
 from gan_dist import distributed as gdist
-from gan_dist.config import Config, to_yaml
+from gan_dist.checkpoint import FORMAT, Checkpointer, note, rng_state, set_rng_state, warn
+from gan_dist.config import Config, to_dict, to_yaml
 from gan_dist.data import real_batches, resolve_urls
 from gan_dist.distributed import DistInfo
+from gan_dist.faults import (EXIT_RETRY, FaultInjector, NonFiniteError, NonFiniteGuard, StopSignals,
+                             signal_name)
 from gan_dist.logging import RunLogger, Throughput, save_grid
 from gan_dist.loop import train_step
 from gan_dist.models import build_models
@@ -78,6 +81,12 @@ class Trainer:
         self.images_seen = 0
         t = cfg.train
         self.images_per_step = t.batch_size * t.grad_accum * t.d_steps * info.world_size
+        self.guard = NonFiniteGuard(self.strategy, t.max_nonfinite)
+        self.inject = FaultInjector(info.rank)
+        self.ckpt = Checkpointer(Path(t.ckpt_dir) if t.ckpt_dir else self.run_dir / "checkpoints",
+                                 t.keep_ckpts, info)
+        self.last_saved_step: Optional[int] = None
+        self.resumed_from = self.maybe_resume()
         self.started = time.time()
         self.logger = RunLogger(self.run_dir, info.is_main, t.steps, self.step)
         self.write_run_info("running")
@@ -89,21 +98,119 @@ class Trainer:
                                                generator=self.noise))
                  for _ in range(t.grad_accum)] for _ in range(t.d_steps)]
 
-    def fit(self) -> None:
+    def fit(self) -> int:
+        """Train up to train.steps (a total: a resumed run continues). Returns the exit code:
+        0, or EXIT_RETRY when a stop signal ended the run after a checkpoint."""
         t = self.cfg.train
         meter = Throughput()
         meter.tick(self.images_seen)
-        while self.step < t.steps:
-            stats = train_step(self.strategy, self.next_batches(), t.loss)
-            self.step += 1
-            self.images_seen += self.images_per_step
-            last = self.step == t.steps
-            if self.step % t.log_every == 0 or last or self.step == 1:
-                self.log(stats, meter.tick(self.images_seen))
-            if self.step % t.sample_every == 0 or last:
-                self.sample_grid(self.run_dir / "samples" / f"step{self.step:07d}.png")
-            self.logger.advance()
+        with StopSignals() as stop:
+            while self.step < t.steps:
+                batches = self.inject(self.step + 1, self.next_batches())
+                self.guard.before_step()
+                stats = train_step(self.strategy, batches, t.loss)
+                self.step += 1
+                self.images_seen += self.images_per_step
+                self.check_nonfinite()
+                last = self.step == t.steps
+                if self.step % t.log_every == 0 or last or self.step == 1:
+                    self.log(stats, meter.tick(self.images_seen))
+                    self.logger.scalars(self.step, self.guard.scalars())
+                if self.step % t.sample_every == 0 or last:
+                    self.sample_grid(self.run_dir / "samples" / f"step{self.step:07d}.png")
+                self.logger.advance()
+                if last:
+                    break
+                signum = stop.agreed(self.device)
+                if signum is not None:
+                    return self.stop_for_signal(signum)
+                if self.step % t.ckpt_every == 0 and self.guard.streak == 0:
+                    self.save_checkpoint()
+        self.save_checkpoint()
         self.finish()
+        return 0
+
+    # ---- faults and checkpoints -----------------------------------------------------------
+    def check_nonfinite(self) -> None:
+        """Count the updates the strategy skipped in this step; stop after too many in a row."""
+        skipped = self.guard.after_step()
+        if not skipped:
+            return
+        self.logger.scalars(self.step, self.guard.scalars())
+        limit = self.cfg.train.max_nonfinite
+        if self.info.is_main:
+            warn(f"step {self.step}: NaN/Inf loss or gradient in the {' and '.join(skipped)} update; "
+                 f"skipped on every rank ({self.guard.streak} step(s) in a row, train.max_nonfinite={limit})")
+        if self.guard.exhausted():
+            latest = self.ckpt.latest_name()
+            raise NonFiniteError(
+                f"{self.guard.streak} consecutive steps (up to step {self.step}) had NaN/Inf losses or "
+                f"gradients (train.max_nonfinite={limit}): stopping. The last good checkpoint is "
+                + (f"{str(self.ckpt.root / latest)!r}" if latest else "none (no checkpoint was saved yet)")
+                + ". Lower train.lr_g/train.lr_d, try train.precision=fp32, or check the data.")
+
+    def stop_for_signal(self, signum: int) -> int:
+        path = self.save_checkpoint() or self.ckpt.root / self.ckpt.latest_name()
+        if self.info.is_main:
+            note(f"received {signal_name(signum)}: checkpoint {str(path)!r} holds step {self.step}; exiting "
+                 f"with code {EXIT_RETRY}: run the same command again to continue")
+        self.write_run_info("interrupted")
+        self.logger.close()
+        return EXIT_RETRY
+
+    def save_checkpoint(self) -> Optional[Path]:
+        """Collective: checkpoint the current step (once). Returns its directory."""
+        if self.last_saved_step == self.step:
+            return None
+        ema = getattr(self, "ema", None)
+        data_state = getattr(self.data, "state_dict", None)
+        trainer_state = {
+            "format": FORMAT, "step": self.step, "images_seen": self.images_seen,
+            "world_size": self.info.world_size, "strategy": self.strategy.name, "config": to_dict(self.cfg),
+            "guard": self.guard.state_dict(),
+            "ema": ema.state_dict() if ema is not None and hasattr(ema, "state_dict") else None,
+        }
+        t = self.cfg.train
+        rank_state = {
+            "rank": self.info.rank, "rng": rng_state(self.device), "noise": self.noise.get_state(),
+            "data": data_state() if callable(data_state) else None,
+            "batches_drawn": self.step * t.d_steps * t.grad_accum,
+        }
+        path = self.ckpt.save(self.step, self.strategy, trainer_state, rank_state, to_yaml(self.cfg))
+        self.last_saved_step = self.step
+        return path
+
+    def maybe_resume(self) -> Optional[str]:
+        """Continue from this run's newest valid checkpoint, else from train.resume, else start."""
+        path = self.ckpt.find(self.cfg.train.resume)
+        if path is None:
+            return None
+        trainer_state, rank_state = self.ckpt.load(path, self.strategy, to_dict(self.cfg))
+        self.step = trainer_state["step"]
+        self.images_seen = trainer_state["images_seen"]
+        self.guard.load_state_dict(trainer_state["guard"])
+        ema = getattr(self, "ema", None)
+        if ema is not None and trainer_state.get("ema") is not None:
+            ema.load_state_dict(trainer_state["ema"])
+        if path.parent == self.ckpt.root:
+            self.last_saved_step = self.step
+        if rank_state is not None:
+            self.restore_data_position(rank_state)
+            # last: creating the data iterator draws from the torch RNG
+            set_rng_state(rank_state["rng"], self.device)
+            self.noise.set_state(rank_state["noise"])
+        if self.info.is_main:
+            note(f"resumed from {str(path)!r} at step {self.step} ({self.images_seen} images seen)")
+        return str(path)
+
+    def restore_data_position(self, rank_state: dict) -> None:
+        load = getattr(self.data, "load_state_dict", None)
+        if callable(load) and rank_state.get("data") is not None:
+            load(rank_state["data"])
+            return
+        # a reader without a saved position: replay the stream up to where the run stopped
+        for _ in range(rank_state["batches_drawn"]):
+            next(self.data)
 
     def log(self, stats: dict[str, torch.Tensor], img_per_sec: float) -> None:
         keys = sorted(stats)
@@ -166,6 +273,7 @@ class Trainer:
             "threads_per_process": torch.get_num_threads(),
             "steps": self.step,
             "images_seen": self.images_seen,
+            "resumed_from": getattr(self, "resumed_from", None),
             "elapsed_s": round(elapsed, 3),
             "img_per_sec": round(self.images_seen / elapsed, 3) if elapsed > 0 else None,
             "seed": self.cfg.run.seed,

@@ -13,6 +13,7 @@ gradient syncing lives:
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
@@ -21,6 +22,7 @@ from torch import nn
 from gan_dist.distributed import DistInfo
 
 NAMES = ("G", "D")
+MODELS_FILE = "models.pt"  # inside a checkpoint directory: replicated strategies' state
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -68,6 +70,8 @@ class Strategy:
         self.raw: dict[str, nn.Module] = {}
         self.wrapped: dict[str, nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.skipped_updates = {n: 0 for n in NAMES}  # updates refused by the non-finite guard
+        self._loss_nonfinite: dict[str, torch.Tensor] = {}
 
     # ---- building -------------------------------------------------------------------------
     def setup(self, G: nn.Module, D: nn.Module) -> None:
@@ -118,7 +122,42 @@ class Strategy:
 
     # ---- updates --------------------------------------------------------------------------
     def backward(self, loss: torch.Tensor, trained: str) -> None:
+        self.note_loss(loss, trained)
         self.precision.scalers[trained].scale(loss).backward()
+
+    def note_loss(self, loss: torch.Tensor, trained: str) -> None:
+        """Remember on the device (no host sync) whether this update has seen a non-finite loss."""
+        bad = ~torch.isfinite(loss.detach()).all()
+        seen = self._loss_nonfinite.get(trained)
+        self._loss_nonfinite[trained] = bad if seen is None else seen | bad
+
+    def update_is_finite(self, trained: str) -> bool:
+        """Collective: whether the losses and gradients of this update are finite on every rank.
+
+        Ranks must agree: with sharded gradients a NaN may sit in one rank's shard only, and a
+        rank that stepped while another skipped would leave the replicas apart. The check costs
+        one max-norm pass over the gradients, one 1-element all-reduce and one host sync per
+        update (what GradScaler costs under fp16 anyway).
+        """
+        flag = torch.zeros((), dtype=torch.float32, device=self.device)
+        grads = self.grads(trained)
+        if grads:
+            norm = torch.nn.utils.get_total_norm(grads, norm_type=float("inf"))
+            flag = (~torch.isfinite(norm)).float().to(self.device)
+        loss_bad = self._loss_nonfinite.pop(trained, None)
+        if loss_bad is not None:
+            flag = torch.maximum(flag, loss_bad.float())
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return flag.item() == 0.0
+
+    def skip_update(self, trained: str) -> None:
+        """Drop this update's gradients; parameters and optimizer state stay as they were."""
+        self.skipped_updates[trained] += 1
+        scaler = self.precision.scalers[trained]
+        if scaler.is_enabled():
+            scaler.update()  # after unscale_: lowers the scale when it found infs
+        self.optimizers[trained].zero_grad(set_to_none=True)
 
     def unscale_(self, trained: str) -> None:
         """Bring gradients to their true scale (fp16) before inspecting them."""
@@ -127,8 +166,13 @@ class Strategy:
             scaler.unscale_(self.optimizers[trained])
 
     def step(self, trained: str) -> None:
+        """Update `trained` unless a loss or gradient is NaN/Inf on any rank (then skip it there too)."""
         scaler = self.precision.scalers[trained]
         opt = self.optimizers[trained]
+        self.unscale_(trained)
+        if not self.update_is_finite(trained):
+            self.skip_update(trained)
+            return
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
@@ -154,7 +198,35 @@ class Strategy:
         """A module that this rank alone may call (no collectives in its forward)."""
         return self.raw[name]
 
+    def save_checkpoint(self, path: Path) -> None:
+        """Collective. Write G, D, their optimizers and loss scalers into the directory `path`.
+
+        Replicated strategies (none, DDP): rank 0 writes `models.pt`; every replica is equal.
+        """
+        from gan_dist.checkpoint import save_file
+
+        if self.info.is_main:
+            save_file({"models": {n: self.raw[n].state_dict() for n in NAMES},
+                       "optimizers": {n: self.optimizers[n].state_dict() for n in NAMES},
+                       "scalers": {n: self.precision.scalers[n].state_dict() for n in NAMES}},
+                      Path(path) / MODELS_FILE)
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Collective. Restore what `save_checkpoint` wrote; every rank reads `models.pt`."""
+        from gan_dist.checkpoint import load_file, load_model_state
+
+        file = Path(path) / MODELS_FILE
+        if not file.is_file():
+            raise FileNotFoundError(f"{path} holds no {MODELS_FILE}: was it written by another parallel.strategy?")
+        state = load_file(file, map_location=self.device)
+        for n in NAMES:
+            load_model_state(self.raw[n], state["models"][n], f"{n} ({file})")
+            self.optimizers[n].load_state_dict(state["optimizers"][n])
+            if state["scalers"].get(n):  # empty when saved without fp16 loss scaling
+                self.precision.scalers[n].load_state_dict(state["scalers"][n])
+
     def close(self) -> None:
         self.wrapped.clear()
         self.optimizers.clear()
         self.raw.clear()
+

@@ -1,0 +1,171 @@
+"""What the training loop does when the world misbehaves: stop signals, non-finite updates, and
+the fault-injection switch the tests use to provoke them.
+
+Exit codes of `python -m gan_dist.train` (launch scripts act on them):
+
+    0             finished
+    2             configuration or data error (EXIT_CONFIG): fix the command
+    3             stopped after `train.max_nonfinite` consecutive non-finite steps (EXIT_NONFINITE)
+    4             a checkpoint cannot be written or used: unwritable directory, full disk, a
+                  checkpoint that does not fit the model (EXIT_CHECKPOINT)
+    75            stopped by SIGTERM/SIGUSR1/SIGINT after saving a checkpoint (EXIT_RETRY,
+                  EX_TEMPFAIL of sysexits.h): run the same command again to continue
+    anything else a crash: the newest checkpoint is still there
+
+Under torchrun the launcher forwards SIGTERM and SIGINT to the workers by itself (add SIGUSR1 with
+`--signals-to-handle SIGTERM,SIGINT,SIGUSR1`), gives them `--shutdown-timeout` seconds (default
+30) to save, and then exits with its own code.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+EXIT_NONFINITE = 3
+EXIT_CHECKPOINT = 4
+EXIT_RETRY = 75
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+INJECT_NAN_ENV = "GAN_DIST_INJECT_NAN"
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with NaN/Inf losses or gradients."""
+
+
+# ---- stop signals -----------------------------------------------------------------------------
+class StopSignals:
+    """Turns SIGTERM, SIGUSR1 and SIGINT into a request honoured at the next step boundary.
+
+    The handler only records the signal: the current step finishes on every rank, the ranks
+    agree (`agreed()`, an all-reduce) that one of them was asked to stop, and all of them save
+    and exit together. A second SIGINT interrupts at once (Ctrl-C twice).
+    """
+
+    def __init__(self) -> None:
+        self.received: Optional[int] = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.received is None:
+            self.received = signum
+
+    def agreed(self, device: torch.device) -> Optional[int]:
+        """Collective: the signal any rank received (the highest number if several), else None."""
+        local = self.received or 0
+        if dist.is_available() and dist.is_initialized():
+            flag = torch.tensor([local], dtype=torch.int64,
+                                device=device if dist.get_backend() == "nccl" else "cpu")
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            local = int(flag.item())
+        return local or None
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return str(signum)
+
+
+# ---- non-finite guard -------------------------------------------------------------------------
+class NonFiniteGuard:
+    """Counts the updates the strategy refused (NaN/Inf loss or gradient, agreed by all ranks),
+    puts back the BatchNorm statistics that the refused step's forward passes polluted, and
+    stops the run after `max_consecutive` such steps in a row.
+    """
+
+    def __init__(self, strategy: Any, max_consecutive: int) -> None:
+        self.strategy = strategy
+        self.max_consecutive = max_consecutive
+        self.streak = 0  # consecutive steps with at least one skipped update
+        self._counts: dict[str, int] = {}
+        self._buffers: dict[str, list[torch.Tensor]] = {}
+
+    def before_step(self) -> None:
+        self._counts = dict(self.strategy.skipped_updates)
+        self._buffers = {n: [b.detach().clone() for b in m.buffers()] for n, m in self.strategy.raw.items()}
+
+    def after_step(self) -> list[str]:
+        """Names of the models whose update was skipped in this step ([] for a good step)."""
+        skipped = [n for n, c in self.strategy.skipped_updates.items() if c != self._counts.get(n, 0)]
+        with torch.no_grad():
+            for name in skipped:
+                for buf, saved in zip(self.strategy.raw[name].buffers(), self._buffers[name]):
+                    buf.copy_(saved)
+        self._buffers = {}
+        self.streak = self.streak + 1 if skipped else 0
+        return skipped
+
+    def exhausted(self) -> bool:
+        return self.streak >= self.max_consecutive
+
+    def scalars(self) -> dict[str, float]:
+        out = {f"nonfinite/skipped_updates_{n}": float(c) for n, c in self.strategy.skipped_updates.items()}
+        out["nonfinite/consecutive_steps"] = float(self.streak)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped_updates": dict(self.strategy.skipped_updates), "streak": self.streak}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.strategy.skipped_updates.update(state["skipped_updates"])
+        self.streak = int(state["streak"])
+
+
+# ---- fault injection (tests) ------------------------------------------------------------------
+def parse_inject_nan(value: Optional[str]) -> Optional[tuple[int, int, int]]:
+    """GAN_DIST_INJECT_NAN=RANK:STEP[:COUNT] -> (rank, first step, count; 0 = for ever).
+
+    A fault-injection switch for tests and drills: rank RANK's real batch becomes NaN in steps
+    STEP .. STEP+COUNT-1 (1-based step numbers). Unset in normal runs.
+    """
+    if not value:
+        return None
+    parts = value.split(":")
+    try:
+        nums = [int(p) for p in parts]
+    except ValueError:
+        nums = []
+    if len(nums) not in (2, 3) or nums[0] < 0 or nums[1] < 1 or (len(nums) == 3 and nums[2] < 0):
+        raise ValueError(f"{INJECT_NAN_ENV}={value!r} is not RANK:STEP[:COUNT] (e.g. 1:3 or 0:5:0 for ever)")
+    return nums[0], nums[1], nums[2] if len(nums) == 3 else 1
+
+
+class FaultInjector:
+    """Applies GAN_DIST_INJECT_NAN to the batches of a step."""
+
+    def __init__(self, rank: int, env: Optional[dict] = None) -> None:
+        env = os.environ if env is None else env
+        self.rank = rank
+        self.nan = parse_inject_nan(env.get(INJECT_NAN_ENV))
+        if self.nan is not None and rank == 0:
+            print(f"gan_dist: fault injection active: {INJECT_NAN_ENV}={env.get(INJECT_NAN_ENV)}",
+                  file=sys.stderr, flush=True)
+
+    def __call__(self, step: int, batches: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> list:
+        if self.nan is None:
+            return batches
+        rank, first, count = self.nan
+        if self.rank == rank and step >= first and (count == 0 or step < first + count):
+            real, z = batches[0][0]
+            batches[0][0] = (torch.full_like(real, float("nan")), z)
+        return batches
