@@ -66,11 +66,12 @@ class DataConfig:
     urls: Optional[Any] = None  # brace pattern, list, directory or manifest; unset: demo digits
     num_workers: int = 2
     shuffle_buffer: int = 1000
-    mode: str = "epoch"  # epoch | stream
-    flip: bool = False
-    allow_pipe: bool = False
-    max_skip_fraction: float = 0.01
-    prefetch_factor: int = 2
+    mode: str = "epoch"  # epoch: each sample once per epoch | stream: endless reshuffled shards
+    epoch_remainder: str = "pad"  # epoch mode: fill (pad) or drop the last partial batch of each reader
+    flip: bool = False  # random horizontal flip
+    allow_pipe: bool = False  # allow remote and pipe: URLs (they run curl/gsutil/a shell command)
+    max_skip_fraction: float = 0.01  # stop when more than this share of the samples read is bad
+    prefetch_factor: int = 2  # batches each loader worker prepares ahead
 
 
 @dataclass
@@ -132,6 +133,7 @@ CHOICES = {
     "model.channels": (1, 3),
     "model.norm": ("batch", "none"),
     "data.mode": ("epoch", "stream"),
+    "data.epoch_remainder": ("pad", "drop"),
     "parallel.strategy": ("auto", "none", "ddp", "fsdp", "deepspeed"),
     "parallel.fsdp.param_dtype": (None, "fp32", "bf16", "fp16"),
     "parallel.fsdp.reduce_dtype": ("fp32", "bf16", "fp16"),

@@ -1,25 +1,41 @@
-"""Data: the demo digits shards and the WebDataset reader."""
+"""Data: WebDataset tar shards (writer, distributed resumable reader) and the demo digits."""
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Callable, Optional
 
 import torch
 
 from gan_dist.data.demo import ensure_demo_shards
-from gan_dist.data.reader import DataError, build_loader, expand_urls
+from gan_dist.data.index import DataError, ShardSet, expand_urls, resolve_shards
+from gan_dist.data.reader import Batch, ShardLoader, build_loader
 
 
 def resolve_urls(data_cfg: Any) -> list[str]:
     """The shard list for `data.urls`; the demo digits (written on first use) when unset."""
-    if data_cfg.urls in (None, "", []):
-        return ensure_demo_shards()
-    return expand_urls(data_cfg.urls, allow_pipe=data_cfg.allow_pipe)
+    return resolve_shards(data_cfg, need_counts=False).urls
 
 
-def real_batches(cfg: Any, urls: list[str], rank: int, world_size: int,
-                 device: torch.device) -> Iterator[torch.Tensor]:
-    return build_loader(urls, cfg.data, cfg.model, cfg.train.batch_size, cfg.run.seed,
-                        rank, world_size, device)
+def shared_shards(cfg: Any, is_main: bool, broadcast: Callable[[Any], Any]) -> ShardSet:
+    """The run's shards, resolved on the main rank and sent to all; a DataError there is
+    raised on every rank, so no rank waits for one that has given up."""
+    result: Optional[object] = None
+    if is_main:
+        try:
+            result = resolve_shards(cfg.data, need_counts=cfg.data.mode == "epoch")
+        except DataError as exc:
+            result = exc
+    result = broadcast(result)
+    if isinstance(result, DataError):
+        raise DataError(str(result))
+    assert isinstance(result, ShardSet)
+    return result
 
 
-__all__ = ["DataError", "resolve_urls", "real_batches", "expand_urls", "ensure_demo_shards"]
+def make_loader(cfg: Any, shards: ShardSet, rank: int, world_size: int, device: torch.device) -> ShardLoader:
+    """This rank's loader of the run config's data section."""
+    return build_loader(shards, cfg.data, cfg.model.channels, cfg.model.resolution, cfg.train.batch_size,
+                        cfg.run.seed, rank, world_size, device)
+
+
+__all__ = ["Batch", "DataError", "ShardLoader", "ShardSet", "build_loader", "ensure_demo_shards",
+           "expand_urls", "make_loader", "resolve_shards", "resolve_urls", "shared_shards"]

@@ -1,14 +1,14 @@
 """The built-in demo dataset: scikit-learn's bundled handwritten digits as WebDataset shards.
 
 1797 images of 8x8 pixels ship inside scikit-learn, so the demo needs no network. They are
-upscaled to 32x32 once (the same conversion the digits metrics use), written as PNG tar
-shards into a cache directory, and from then on read like any user dataset.
+upscaled to 32x32 once (`digits_to_tensor_32`, the same conversion the digits metrics use),
+written by the shard writer as 16 PNG shards with a manifest into a cache directory, and from
+then on read like any user dataset.
 """
 from __future__ import annotations
 
 import fcntl
-import io
-import json
+import math
 import os
 import shutil
 import tempfile
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DEMO_NAME = "digits32-v1"
+DEMO_NAME = "digits32-v2"
 DEMO_SHARDS = 16  # enough for 8 ranks x 2 workers to get whole shards
 
 
@@ -51,7 +51,7 @@ def ensure_demo_shards(root: Path | None = None) -> list[str]:
         if not (final / "manifest.json").is_file():
             tmp = Path(tempfile.mkdtemp(prefix=f".{DEMO_NAME}-", dir=root))
             try:
-                _write_demo(tmp)
+                write_demo(tmp)
                 if final.exists():
                     shutil.rmtree(final)
                 os.replace(tmp, final)
@@ -70,23 +70,15 @@ def demo_images() -> tuple[np.ndarray, np.ndarray]:
     return u8.numpy(), labels
 
 
-def _write_demo(out: Path) -> None:
-    import webdataset as wds
-    from PIL import Image
+def write_demo(out: Path, fmt: str = "png", resolution: int | None = None, workers: int = 1,
+               progress: bool = False, num_shards: int = DEMO_SHARDS) -> dict:
+    """The demo digits as `num_shards` shards (classes mixed across shards) with a manifest."""
+    from gan_dist.data.writer import WriteOptions, iter_jobs_from_arrays, write_shards
 
     images, labels = demo_images()
     order = np.random.default_rng(0).permutation(len(images))  # mix classes across shards
-    parts = np.array_split(order, DEMO_SHARDS)
-    counts = []
-    for s, idx in enumerate(parts):
-        with wds.TarWriter(str(out / f"digits-{s:06d}.tar"), encoder=False, mtime=0) as sink:
-            for i in idx:
-                buf = io.BytesIO()
-                Image.fromarray(images[i], mode="L").save(buf, format="PNG")
-                sink.write({"__key__": f"{i:06d}", "png": buf.getvalue(),
-                            "cls": str(int(labels[i])).encode()})
-        counts.append(len(idx))
-    manifest = {"name": DEMO_NAME, "shards": [f"digits-{s:06d}.tar" for s in range(DEMO_SHARDS)],
-                "counts": counts, "total": int(sum(counts)), "resolution": 32, "channels": 1,
-                "format": "png", "source": "sklearn.datasets.load_digits"}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    jobs = list(iter_jobs_from_arrays(images, labels, order))
+    return write_shards(jobs, out, "digits", WriteOptions(resolution=resolution or 32, channels=1, fmt=fmt),
+                        max_count=math.ceil(len(jobs) / num_shards), max_size=1 << 40, workers=workers,
+                        key_width=6, progress=progress, report=lambda m: None,
+                        classes=[str(i) for i in range(10)], source="sklearn.datasets.load_digits")
