@@ -102,16 +102,24 @@ class ParallelConfig:
 
 @dataclass
 class EMAConfig:
-    enabled: bool = True
-    half_life_kimg: float = 10.0
-    rampup: Optional[float] = 0.05
+    enabled: bool = True  # samples, metrics and generator_ema.pt use the averaged weights
+    half_life_kimg: float = 10.0  # thousands of images over which an old weight's share halves
+    rampup: Optional[float] = 0.05  # half-life at most rampup x images seen so far; null: no ramp-up
 
 
 @dataclass
 class EvalConfig:
-    every: int = 0  # 0: only at the end
-    num_samples: int = 2000
-    extractor: str = "digits"  # digits | inception
+    enabled: bool = True
+    every: int = 250  # steps between evaluations (also at the start and the end); 0: only at the end
+    num_samples: int = 2000  # generated images per evaluation, split across the ranks
+    batch_size: int = 250  # per rank, for generating and embedding
+    # auto: digits on the demo data, else inception when its weights are found, else no evaluation
+    extractor: str = "auto"  # auto | digits | inception
+    inception_weights: Optional[str] = None  # torchvision's inception_v3_google-0cc3c7bd.pth (or $GAN_DIST_INCEPTION_WEIGHTS)
+    inception_download: bool = False  # fetch the Inception weights into torch's cache when missing
+    reference_images: int = 50000  # real images for the reference statistics (cached); 0: all
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
 
 
 @dataclass
@@ -140,13 +148,14 @@ CHOICES = {
     "parallel.deepspeed.zero_stage": (None, 0, 1, 2, 3),
     "parallel.deepspeed.offload_optimizer": ("none", "cpu"),
     "parallel.deepspeed.offload_param": ("none", "cpu"),
-    "eval.extractor": ("digits", "inception"),
+    "eval.extractor": ("auto", "digits", "inception"),
 }
 POSITIVE = ("train.steps", "train.batch_size", "train.grad_accum", "train.d_steps",
             "train.log_every", "train.sample_every", "train.ckpt_every", "train.keep_ckpts",
             "train.max_nonfinite", "model.nz", "model.ngf", "model.ndf", "data.shuffle_buffer",
-            "data.prefetch_factor", "eval.num_samples")
-NON_NEGATIVE = ("run.threads", "data.num_workers", "eval.every")
+            "data.prefetch_factor", "eval.num_samples", "eval.batch_size", "eval.kid_subsets",
+            "eval.kid_subset_size")
+NON_NEGATIVE = ("run.threads", "data.num_workers", "eval.every", "eval.reference_images")
 
 
 def _get(cfg: Any, dotted: str) -> Any:
@@ -178,6 +187,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.max_skip_fraction={cfg.data.max_skip_fraction!r} must be in [0, 1]")
     if cfg.ema.half_life_kimg < 0:
         raise ConfigError(f"ema.half_life_kimg={cfg.ema.half_life_kimg!r} must be >= 0")
+    if cfg.ema.rampup is not None and cfg.ema.rampup < 0:
+        raise ConfigError(f"ema.rampup={cfg.ema.rampup!r} must be >= 0 (or null: no ramp-up)")
     ds = cfg.parallel.deepspeed
     if ds.gradient_clipping < 0:
         raise ConfigError(f"parallel.deepspeed.gradient_clipping={ds.gradient_clipping!r} must be >= 0 (0: off)")

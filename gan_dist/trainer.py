@@ -5,6 +5,7 @@ sharded G, gathering a full state_dict) is called on every rank.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import random
@@ -21,6 +22,7 @@ from gan_dist.checkpoint import FORMAT, Checkpointer, note, rng_state, set_rng_s
 from gan_dist.config import Config, to_dict, to_yaml
 from gan_dist.data import DataError, make_loader, shared_shards
 from gan_dist.distributed import DistInfo
+from gan_dist.ema import build_ema
 from gan_dist.faults import (EXIT_RETRY, FaultInjector, NonFiniteError, NonFiniteGuard, StopSignals,
                              signal_name)
 from gan_dist.logging import RunLogger, Throughput, save_grid
@@ -70,11 +72,15 @@ class Trainer:
         self.strategy = build_strategy(info, cfg)
         G, D = build_models(cfg.model, cfg.run.seed)
         self.strategy.setup(G, D)
+        self.ema = build_ema(self.strategy, cfg.ema)  # before resuming: checkpoints hold its state
 
         shards = shared_shards(cfg, info.is_main, gdist.broadcast_object)
         self.urls = shards.urls
         self.data = make_loader(cfg, shards, info.rank, info.world_size, self.device)
         self.data_summary: Optional[dict] = None  # all ranks' data counts, as of the last log
+        from gan_dist.metrics.evaluation import training_evaluator
+        self.evaluator = training_evaluator(cfg, self.urls, self.device, info.is_main)
+        self.last_eval: Optional[dict] = None
         self.noise = torch.Generator(device=self.device).manual_seed(cfg.run.seed * 1000 + info.rank + 1)
         self.fixed_noise = torch.randn(NUM_SAMPLES, cfg.model.nz,
                                        generator=torch.Generator().manual_seed(cfg.run.seed)).to(self.device)
@@ -105,6 +111,8 @@ class Trainer:
         t = self.cfg.train
         meter = Throughput()
         meter.tick(self.images_seen)
+        if self.step == 0 and self.cfg.eval.every:
+            self.evaluate()  # the untrained generator: where the metric curves start
         with StopSignals() as stop:
             while self.step < t.steps:
                 batches = self.inject(self.step + 1, self.next_batches())
@@ -113,12 +121,16 @@ class Trainer:
                 self.step += 1
                 self.images_seen += self.images_per_step
                 self.check_nonfinite()
+                if self.ema is not None:
+                    self.ema.update(self.images_seen - self.images_per_step, self.images_per_step)
                 last = self.step == t.steps
                 if self.step % t.log_every == 0 or last or self.step == 1:
                     self.log(stats, meter.tick(self.images_seen))
                     self.logger.scalars(self.step, self.guard.scalars())
                 if self.step % t.sample_every == 0 or last:
                     self.sample_grid(self.run_dir / "samples" / f"step{self.step:07d}.png")
+                if last or (self.cfg.eval.every and self.step % self.cfg.eval.every == 0):
+                    self.evaluate()
                 self.logger.advance()
                 if last:
                     break
@@ -244,19 +256,46 @@ class Trainer:
         finally:
             G.train(was_training)
 
+    def ema_weights(self) -> contextlib.AbstractContextManager:
+        """G holds its EMA weights inside the block (ema.enabled), its training weights after."""
+        return self.ema.swapped() if self.ema is not None else contextlib.nullcontext()
+
     def sample_grid(self, path: Path) -> None:
-        images = self.samples(self.fixed_noise)
+        with self.ema_weights():
+            images = self.samples(self.fixed_noise)
         self.logger.images(self.step, "samples", images, path)
+
+    def evaluate(self) -> None:
+        """FD/KID (and class coverage) of the EMA generator, every rank generating its share. Collective."""
+        if self.evaluator is None:
+            return
+        self.strategy.sync_buffers()  # every rank's share from the same BatchNorm statistics
+        with self.ema_weights():
+            result = self.evaluator.run(self.samples, self.device)
+        result = {"step": self.step, "kimg": self.images_seen / 1000.0, **result}
+        self.last_eval = result
+        keys = (self.evaluator.fd_key, "kid", "class_coverage")
+        self.logger.scalars(self.step, {f"metrics/{k}": result[k] for k in keys if k in result})
+        if self.info.is_main:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(result) + "\n")
+            self.logger.info("eval: " + " ".join(f"{k}={result[k]:.4g}" if isinstance(result[k], float)
+                                                 else f"{k}={result[k]}" for k in ("step", *keys) if k in result))
+        self.write_run_info("running")
 
     # ---- outputs --------------------------------------------------------------------------
     def finish(self) -> None:
         self.strategy.sync_buffers()
-        state = self.strategy.full_state_dict("G")
+        outputs = {"generator.pt": self.strategy.full_state_dict("G")}
+        if self.ema is not None:
+            outputs["generator_ema.pt"] = self.ema.full_state_dict()
         if self.info.is_main:
-            tmp = self.run_dir / "generator.pt.tmp"
-            torch.save(state, tmp)
-            tmp.replace(self.run_dir / "generator.pt")
-        final = self.samples(self.fixed_noise)
+            for name, state in outputs.items():
+                tmp = self.run_dir / f"{name}.tmp"
+                torch.save(state, tmp)
+                tmp.replace(self.run_dir / name)
+        with self.ema_weights():
+            final = self.samples(self.fixed_noise)
         if self.info.is_main:
             save_grid(final, self.run_dir / "samples.png")
         self.write_run_info("finished")
@@ -282,6 +321,8 @@ class Trainer:
             "steps": self.step,
             "images_seen": self.images_seen,
             "resumed_from": getattr(self, "resumed_from", None),
+            "ema": getattr(self, "ema", None) is not None,
+            "eval": getattr(self, "last_eval", None),
             "data": getattr(self, "data_summary", None),
             "elapsed_s": round(elapsed, 3),
             "img_per_sec": round(self.images_seen / elapsed, 3) if elapsed > 0 else None,

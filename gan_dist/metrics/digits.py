@@ -245,8 +245,15 @@ def class_coverage(
         raise ValueError(f"threshold must be a probability in [0, 1], got {threshold}")
     model = extractor if extractor is not None else load_digits_extractor()
     probs = _batched(model.logits, fake_images, batch_size, _device_of(model)).softmax(dim=1)
-    conf, pred = probs.max(dim=1)
+    return coverage_from_probs(probs, threshold)
+
+
+def coverage_from_probs(probs: torch.Tensor, threshold: float = 0.9) -> ClassCoverage:
+    """Class coverage from N x 10 class probabilities (e.g. gathered from several ranks)."""
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be a probability in [0, 1], got {threshold}")
+    conf, pred = probs.float().cpu().max(dim=1)
     confident = conf >= threshold
-    counts = np.bincount(pred[confident].numpy(), minlength=NUM_CLASSES)
-    n = max(len(fake_images), 1)
+    counts = np.bincount(pred[confident].numpy(), minlength=probs.shape[1])
+    n = max(len(probs), 1)
     return ClassCoverage(int((counts > 0).sum()), counts, float(confident.sum().item()) / n)
