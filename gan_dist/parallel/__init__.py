@@ -27,8 +27,12 @@ def build_strategy(info: DistInfo, cfg: Any) -> Strategy:
             return Strategy(info, cfg.train, cfg.parallel)
         from gan_dist.parallel.ddp import DDPStrategy
         return DDPStrategy(info, cfg.train, cfg.parallel)
-    if name in ("fsdp", "deepspeed"):
-        raise NotImplementedError(f"parallel.strategy={name} is not available in this version of gan_dist")
+    if name == "fsdp":
+        from gan_dist.parallel.fsdp import FSDPStrategy
+        return FSDPStrategy(info, cfg.train, cfg.parallel)
+    if name == "deepspeed":
+        from gan_dist.parallel.deepspeed import DeepSpeedStrategy
+        return DeepSpeedStrategy(info, cfg.train, cfg.parallel)
     raise ValueError(f"parallel.strategy={name!r} is not one of: auto, none, ddp, fsdp, deepspeed")
 
 

@@ -230,3 +230,33 @@ class Strategy:
         self.optimizers.clear()
         self.raw.clear()
 
+
+def broadcast_buffers(modules: list[nn.Module], src: int = 0) -> None:
+    """Rank `src`'s buffers (BatchNorm statistics) on every rank. Collective.
+
+    Data-parallel strategies reduce gradients, never buffers: ranks' running statistics drift
+    apart, so they are made equal before anything is saved or sampled for the record.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    for module in modules:
+        for buf in module.buffers():
+            dist.broadcast(buf, src=src)
+
+
+def ensure_process_group(device: torch.device) -> None:
+    """A one-process group when none exists.
+
+    Sharded strategies (FSDP, DeepSpeed) talk through a process group even with one rank, e.g.
+    `python -m gan_dist.train parallel.strategy=fsdp`; an in-memory store needs no port.
+    `gan_dist.distributed.teardown()` destroys it like any other group.
+    """
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                            device_id=device if backend == "nccl" else None)

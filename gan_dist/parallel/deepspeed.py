@@ -1,0 +1,320 @@
+"""DeepSpeed ZeRO (stages 0-3) for G and D: one engine per model.
+
+DeepSpeed is an optional dependency: it is imported when this strategy is built, and a
+missing package is reported with the extra that installs it.
+
+Exact syncing with two engines. A DeepSpeed engine hooks its module's outputs so that any
+backward through them runs that engine's backward prologue and epilogue; the epilogue
+reduces the engine's gradients. The trained model is therefore called through its engine,
+and the frozen model (D in the G phase) through the engine's bare module: D's parameters do
+not require grad, ZeRO-3 still gathers them for the forward and the backward, and D's engine
+never sees that backward, so no D gradient is computed, reduced or kept. (ZeRO stage 0 also
+refuses outright a foreign backward through an engine's outputs.) Gradient accumulation uses
+the engine's own switch, `set_gradient_accumulation_boundary`: ZeRO-0/1 reduce on the last
+micro-batch only; ZeRO-2/3 reduce-scatter every micro-batch into their gradient partitions,
+as ZeRO does by design.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from torch import nn
+
+from gan_dist.config import ConfigError
+from gan_dist.parallel.base import NAMES, Strategy, broadcast_buffers, ensure_process_group
+
+INSTALL_HINT = 'pip install "gan_dist[deepspeed]"'
+CHECKPOINT_DIR = "deepspeed"  # inside a checkpoint: deepspeed/G/, deepspeed/D/
+CHECKPOINT_TAG = "state"
+AUTO = "auto"
+
+
+def import_deepspeed() -> Any:
+    """The deepspeed module, or an error that says how to install it."""
+    try:
+        import deepspeed
+    except ImportError as exc:
+        raise ConfigError(f"parallel.strategy=deepspeed needs the deepspeed package, which cannot be "
+                          f"imported ({exc}). Install it with: {INSTALL_HINT}") from None
+    return deepspeed
+
+
+def default_config(zero_stage: int = 2) -> dict:
+    """The DeepSpeed JSON gan_dist uses when parallel.deepspeed.config is unset.
+
+    "auto" values are filled from the gan_dist config by `resolve_config` (as accelerate does),
+    so that batch size, accumulation and precision are set in one place.
+    """
+    return {
+        "train_micro_batch_size_per_gpu": AUTO,
+        "gradient_accumulation_steps": AUTO,
+        "train_batch_size": AUTO,
+        "gradient_clipping": AUTO,
+        "zero_optimization": {"stage": zero_stage},
+        "bf16": {"enabled": AUTO},
+        # dynamic loss scaling: loss_scale 0 means "start at 2**initial_scale_power and adapt"
+        "fp16": {"enabled": AUTO, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                 "hysteresis": 2, "min_loss_scale": 1},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2 ** 31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _fill(conf: dict, key: str, value: Any, source: str, ours: str) -> None:
+    """conf[key] = value if it is unset or "auto"; a different explicit value is a conflict."""
+    current = conf.get(key, AUTO)
+    if current == AUTO:
+        conf[key] = value
+    elif current != value:
+        raise ConfigError(f"{source}: {key}={current!r} contradicts {ours}={value!r}: "
+                          f"set it to \"auto\" or change {ours}")
+
+
+def resolve_config(conf: Optional[dict], train_cfg: Any, ds_cfg: Any, world_size: int,
+                   device_type: str, source: str = "the built-in DeepSpeed config") -> dict:
+    """A complete DeepSpeed config: the JSON's explicit values, "auto" filled from gan_dist's.
+
+    Conflicts (a JSON that says fp16 while train.precision=bf16) are errors naming both keys.
+    """
+    stage_default = 2 if ds_cfg.zero_stage is None else ds_cfg.zero_stage
+    conf = copy.deepcopy(conf) if conf is not None else default_config(stage_default)
+    for key in ("optimizer", "scheduler"):
+        if key in conf:
+            raise ConfigError(f"{source}: remove the {key!r} section: gan_dist builds one optimizer per "
+                              "model from train.lr_g, train.lr_d, train.beta1 and train.beta2")
+    if "amp" in conf and conf["amp"].get("enabled", False):
+        raise ConfigError(f"{source}: 'amp' is not supported: use train.precision=bf16 or fp16")
+    micro, accum = train_cfg.batch_size, train_cfg.grad_accum
+    _fill(conf, "train_micro_batch_size_per_gpu", micro, source, "train.batch_size")
+    _fill(conf, "gradient_accumulation_steps", accum, source, "train.grad_accum")
+    _fill(conf, "train_batch_size", micro * accum * world_size, source,
+          "train.batch_size * train.grad_accum * world size")
+    if conf.get("gradient_clipping", AUTO) == AUTO:
+        conf["gradient_clipping"] = float(ds_cfg.gradient_clipping)
+    elif ds_cfg.gradient_clipping and conf["gradient_clipping"] != ds_cfg.gradient_clipping:
+        raise ConfigError(f"{source}: gradient_clipping={conf['gradient_clipping']!r} contradicts "
+                          f"parallel.deepspeed.gradient_clipping={ds_cfg.gradient_clipping!r}")
+
+    zero = conf.setdefault("zero_optimization", {})
+    stage = zero.get("stage", AUTO)
+    if stage == AUTO:
+        zero["stage"] = stage_default
+    elif ds_cfg.zero_stage is not None and stage != ds_cfg.zero_stage:
+        raise ConfigError(f"{source}: zero_optimization.stage={stage} contradicts "
+                          f"parallel.deepspeed.zero_stage={ds_cfg.zero_stage}")
+    if zero["stage"] not in (0, 1, 2, 3):
+        raise ConfigError(f"{source}: zero_optimization.stage={zero['stage']!r} is not one of 0, 1, 2, 3")
+    pin = device_type == "cuda"
+    if ds_cfg.offload_optimizer == "cpu":
+        if zero["stage"] == 0:
+            raise ConfigError("parallel.deepspeed.offload_optimizer=cpu needs ZeRO stage 1, 2 or 3")
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+    if ds_cfg.offload_param == "cpu":
+        if zero["stage"] != 3:
+            raise ConfigError("parallel.deepspeed.offload_param=cpu needs ZeRO stage 3 "
+                              "(parallel.deepspeed.zero_stage=3)")
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
+    if any(zero.get(k, {}).get("device", "none") not in ("none", None) for k in ("offload_optimizer", "offload_param")):
+        # gan_dist's torch Adam runs on the offloaded state (no DeepSpeedCPUAdam op build needed)
+        conf.setdefault("zero_force_ds_cpu_optimizer", False)
+    conf.setdefault("zero_allow_untested_optimizer", True)
+
+    precision = train_cfg.precision
+    for key, wanted in (("bf16", precision == "bf16"), ("fp16", precision == "fp16")):
+        section = conf.setdefault(key, {})
+        enabled = section.get("enabled", AUTO)
+        if enabled == AUTO:
+            section["enabled"] = wanted
+        elif bool(enabled) != wanted:
+            raise ConfigError(f"{source}: {key}.enabled={enabled} contradicts train.precision={precision}: "
+                              f"set it to \"auto\" or change train.precision")
+    return conf
+
+
+def load_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            conf = json.load(f)
+    except OSError as exc:
+        raise ConfigError(f"parallel.deepspeed.config={path!r} cannot be read: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"parallel.deepspeed.config={path!r} is not valid JSON: {exc}") from None
+    if not isinstance(conf, dict):
+        raise ConfigError(f"parallel.deepspeed.config={path!r} must hold a JSON object")
+    return conf
+
+
+class _Call(nn.Module):
+    """The callable the loop (or the sampler) sees for one model.
+
+    It casts floating inputs to the engine's compute dtype (DeepSpeed keeps the module itself
+    in bf16/fp16) and returns fp32, so that losses are computed in full precision; it calls
+    the engine, or the bare module while `use_module()` says the model is frozen.
+    """
+
+    def __init__(self, engine: nn.Module, dtype: torch.dtype, use_module: Callable[[], bool]) -> None:
+        super().__init__()
+        self.engine = engine
+        self.dtype = dtype
+        self._use_module = use_module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_floating_point():
+            x = x.to(self.dtype)
+        fn = self.engine.module if self._use_module() else self.engine
+        return fn(x).float()
+
+
+class DeepSpeedStrategy(Strategy):
+    """ZeRO-sharded optimizer state (1), gradients (2) and parameters (3) of G and D."""
+
+    name = "deepspeed"
+
+    def __init__(self, info, train_cfg, parallel_cfg) -> None:
+        super().__init__(info, train_cfg, parallel_cfg)
+        self.ds = import_deepspeed()
+        ds_cfg = parallel_cfg.deepspeed
+        if train_cfg.compile:
+            raise ConfigError("train.compile=true is not supported with parallel.strategy=deepspeed")
+        source = "the built-in DeepSpeed config"
+        user = None
+        if ds_cfg.config is not None:
+            user, source = load_json(ds_cfg.config), f"parallel.deepspeed.config={ds_cfg.config}"
+        ensure_process_group(self.device)
+        import torch.distributed as dist
+        # DeepSpeed reads the rank layout from the environment, which srun and a plain
+        # `python` run do not set; the process group is already up, so tell it what it is
+        for key, value in (("LOCAL_RANK", info.local_rank), ("RANK", dist.get_rank()),
+                           ("WORLD_SIZE", dist.get_world_size()), ("LOCAL_SIZE", info.local_world_size)):
+            os.environ.setdefault(key, str(value))
+        self.config = resolve_config(user, train_cfg, ds_cfg, dist.get_world_size(), self.device.type, source)
+        self.zero_stage = self.config["zero_optimization"]["stage"]
+        self.compute_dtype = self.precision.dtype
+        self.engines: dict[str, Any] = {}
+        self._frozen: Optional[str] = None
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        self.ds.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
+
+    # ---- building -------------------------------------------------------------------------
+    def setup(self, G: nn.Module, D: nn.Module) -> None:
+        for name, module in (("G", G), ("D", D)):
+            module = module.to(self.device)
+            if self.train_cfg.channels_last:
+                module = module.to(memory_format=torch.channels_last)
+            optimizer = self.make_optimizer(module, name)
+            engine, ds_optimizer, _, _ = self.ds.initialize(model=module, optimizer=optimizer,
+                                                            config=copy.deepcopy(self.config),
+                                                            dist_init_required=False)
+            self.engines[name] = engine
+            if hasattr(ds_optimizer, "check_grad_overflow"):
+                # skip NaN/Inf updates in fp32 as well (DeepSpeed checks only bf16/fp16 by default)
+                ds_optimizer.check_grad_overflow = True
+            self.raw[name] = engine.module
+            self.optimizers[name] = ds_optimizer
+            self.wrapped[name] = _Call(engine, self.compute_dtype, lambda n=name: self._frozen == n)
+
+    # ---- phases ---------------------------------------------------------------------------
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # the engines hold the modules in the compute dtype
+
+    @contextlib.contextmanager
+    def phase(self, trained: str, sync: bool = True) -> Iterator[None]:
+        other = "D" if trained == "G" else "G"
+        # the engine reduces on the backward of the boundary micro-batch only (stages 0-1)
+        self.engines[trained].set_gradient_accumulation_boundary(sync)
+        self._frozen = other if trained == "G" else None
+        try:
+            with super().phase(trained, sync):
+                yield
+        finally:
+            self._frozen = None
+
+    def backward(self, loss: torch.Tensor, trained: str) -> None:
+        self.note_loss(loss, trained)
+        # the loop already divides by the number of micro-batches; the engine scales for fp16
+        self.engines[trained].backward(loss, scale_wrt_gas=False)
+
+    def unscale_(self, trained: str) -> None:
+        """The engine unscales (and checks for overflow) inside its step."""
+
+    def step(self, trained: str) -> None:
+        """The engine's step; an update with NaN/Inf gradients is skipped on every rank.
+
+        ZeRO (stages 1-3) checks its gradient partitions and agrees on skipping across ranks
+        itself (`engine.skipped_steps`); without ZeRO the gradients are whole on every rank and
+        the shared check of `Strategy.update_is_finite` applies.
+        """
+        engine = self.engines[trained]
+        if self.zero_stage == 0:
+            if not self.update_is_finite(trained):
+                self.skipped_updates[trained] += 1
+                engine.zero_grad()
+                engine.optimizer.zero_grad()
+                return
+        else:
+            self._loss_nonfinite.pop(trained, None)  # a NaN/Inf loss shows in the gradients
+        skipped = engine.skipped_steps
+        engine.step()
+        if engine.skipped_steps != skipped:
+            self.skipped_updates[trained] += 1
+
+    def zero_grad(self, trained: str) -> None:
+        self.engines[trained].optimizer.zero_grad()
+
+    # ---- state ----------------------------------------------------------------------------
+    def sync_buffers(self) -> None:
+        broadcast_buffers(list(self.raw.values()))
+
+    def full_state_dict(self, name: str) -> Optional[dict[str, torch.Tensor]]:
+        """fp32 weights (the optimizer's master copy when training in bf16/fp16). Collective."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        module = self.raw[name]
+        values: dict[str, torch.Tensor] = {}
+        for key, p in module.named_parameters():
+            full = safe_get_full_fp32_param(p)  # gathers the shards; None without ZeRO partitioning
+            values[key] = (p if full is None else full).detach()
+        for key, b in module.named_buffers():
+            values[key] = b.detach()
+        if not self.info.is_main:
+            return None
+        out = {}
+        for key in module.state_dict():
+            v = values[key]
+            out[key] = (v.float() if v.is_floating_point() else v).cpu().clone()
+        return out
+
+    def sample_module(self, name: str = "G") -> nn.Module:
+        # the bare module: no engine hooks; under ZeRO-3 its forward gathers, so all ranks call it
+        return _Call(self.engines[name], self.compute_dtype, lambda: True)
+
+    def save_checkpoint(self, path: Path) -> None:
+        """Each engine writes its own files: module, ZeRO partitions, loss scaler. Collective."""
+        for name in NAMES:
+            self.engines[name].save_checkpoint(str(Path(path) / CHECKPOINT_DIR / name), tag=CHECKPOINT_TAG,
+                                               save_latest=False)
+
+    def load_checkpoint(self, path: Path) -> None:
+        for name in NAMES:
+            where = Path(path) / CHECKPOINT_DIR / name
+            if not (where / CHECKPOINT_TAG).is_dir():
+                raise FileNotFoundError(f"{path} holds no DeepSpeed state for {name} ({where}/{CHECKPOINT_TAG} "
+                                        "is missing): was it written by another parallel.strategy?")
+            load_path, _ = self.engines[name].load_checkpoint(str(where), tag=CHECKPOINT_TAG)
+            if load_path is None:
+                raise RuntimeError(f"DeepSpeed could not load the {name} checkpoint in {where}")
+
+    def close(self) -> None:
+        for engine in self.engines.values():
+            with contextlib.suppress(Exception):
+                engine.destroy()
+        self.engines.clear()
+        super().close()

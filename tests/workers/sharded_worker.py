@@ -1,0 +1,206 @@
+"""One rank of a sharded-strategy job, started by tests/test_sharded_exact.py.
+
+Every rank draws the same global batches from one seed and trains on its own slice, exactly as
+tests/workers/ddp_worker.py does, so runs with different strategies see the same samples and
+must end with the same weights. The optimizers are plain SGD unless --optim adam: Adam is
+invariant to the scale of the gradients and would hide a reduction that sums instead of
+averaging.
+
+Optionally logs every torch.distributed collective of one iteration, labelled with the phase
+(or step) it ran in, by wrapping the functions of torch.distributed: the calls still go to the
+real process group. Writes, per rank, a dict to --out (see the end of main()).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from gan_dist import distributed as gdist
+from gan_dist.config import load_config
+from gan_dist.loop import train_step
+from gan_dist.models import build_models
+from gan_dist.parallel import build_strategy
+
+REDUCING = ("all_reduce", "reduce", "reduce_scatter", "reduce_scatter_tensor", "reduce_scatter_single",
+            "_reduce_scatter_base", "all_reduce_coalesced", "reduce_scatter_tensor_coalesced")
+OTHER = ("all_gather", "all_gather_into_tensor", "all_gather_single", "_all_gather_base",
+         "all_gather_coalesced", "all_gather_into_tensor_coalesced", "broadcast", "scatter", "gather",
+         "all_to_all", "all_to_all_single", "all_gather_object", "broadcast_object_list", "barrier")
+
+
+def _numel(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel()
+    if isinstance(obj, (list, tuple)):
+        return sum(_numel(o) for o in obj)
+    return 0
+
+
+def _payload(name: str, args: tuple, kwargs: dict):
+    """The tensor(s) a collective sends: reduce-scatter/all-gather input, all-reduce buffer."""
+    for key in ("input", "input_tensor", "input_list", "tensor", "tensors"):
+        if key in kwargs:
+            return kwargs[key]
+    if name.startswith(("reduce_scatter", "_reduce_scatter", "all_gather", "_all_gather")) and len(args) > 1:
+        return args[1]
+    return args[0] if args else None
+
+
+class CollectiveLog:
+    """Every outermost torch.distributed collective while `active`: (label, name, elements)."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.label = "outside"
+        self.calls: list[tuple[str, str, int]] = []
+        self._depth = 0
+
+    def install(self) -> None:
+        for name in REDUCING + OTHER:
+            fn = getattr(dist, name, None)
+            if fn is not None:
+                setattr(dist, name, self._wrap(name, fn))
+
+    def _wrap(self, name, fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            outer = self._depth == 0
+            self._depth += 1
+            try:
+                if outer and self.active:
+                    self.calls.append((self.label, name, _numel(_payload(name, args, kwargs))))
+                return fn(*args, **kwargs)
+            finally:
+                self._depth -= 1
+        return wrapper
+
+    def attach(self, strategy) -> None:
+        """Label calls with the phase or step they happen in (the loop itself is untouched)."""
+        orig_phase, orig_step = strategy.phase, strategy.step
+
+        @contextlib.contextmanager
+        def phase(trained, sync=True):
+            with orig_phase(trained, sync):
+                self.label = f"{trained}-phase"
+                try:
+                    yield
+                finally:
+                    self.label = "between"
+
+        def step(trained):
+            self.label = f"{trained}-step"
+            try:
+                orig_step(trained)
+            finally:
+                self.label = "between"
+
+        strategy.phase, strategy.step = phase, step
+
+
+def local_numel(p: torch.Tensor) -> int:
+    """Elements of `p` stored on this rank: an FSDP shard, a ZeRO-3 partition or the whole."""
+    if hasattr(p, "to_local"):
+        return p.to_local().numel()
+    if hasattr(p, "ds_tensor"):
+        return p.ds_tensor.numel()
+    return p.numel()
+
+
+def optimizer_state_numel(opt) -> int:
+    inner = getattr(opt, "optimizer", opt)  # DeepSpeed wraps the torch optimizer
+    total = 0
+    for state in inner.state.values():
+        for v in state.values():
+            if isinstance(v, torch.Tensor) and v.dim() > 0:
+                total += v.to_local().numel() if hasattr(v, "to_local") else v.numel()
+    return total
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--strategy", default="fsdp")
+    p.add_argument("--zero-stage", type=int, default=None)
+    p.add_argument("--precision", default="fp32")
+    p.add_argument("--global-batch", type=int, default=8)
+    p.add_argument("--accum", type=int, default=1)
+    p.add_argument("--d-steps", type=int, default=1)
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--norm", default="none")
+    p.add_argument("--optim", choices=["sgd", "adam"], default="sgd")
+    p.add_argument("--reshard", default="true")
+    p.add_argument("--count-iter", type=int, default=-1, help="log the collectives of this iteration")
+    p.add_argument("--save-at", type=int, default=0, help="save a checkpoint after this many iterations")
+    p.add_argument("--ckpt", default=None, help="checkpoint directory to save into (or load from)")
+    p.add_argument("--resume", action="store_true", help="load --ckpt, then run the remaining iterations")
+    args = p.parse_args()
+
+    log = CollectiveLog()
+    log.install()
+    info = gdist.init_distributed(timeout_s=120)
+    W, r = info.world_size, info.rank
+    overrides = [f"train.precision={args.precision}", f"model.norm={args.norm}", "model.ngf=8", "model.ndf=8",
+                 "model.nz=16", f"train.grad_accum={args.accum}", f"train.d_steps={args.d_steps}",
+                 f"train.batch_size={args.global_batch // (W * args.accum)}",
+                 f"parallel.strategy={args.strategy}", f"parallel.fsdp.reshard_after_forward={args.reshard}"]
+    if args.zero_stage is not None:
+        overrides.append(f"parallel.deepspeed.zero_stage={args.zero_stage}")
+    cfg = load_config(None, overrides)
+    strategy = build_strategy(info, cfg)
+    if args.optim == "sgd":
+        strategy.make_optimizer = lambda module, name: torch.optim.SGD(module.parameters(), lr=0.05)
+    G, D = build_models(cfg.model, seed=3)
+    strategy.setup(G, D)
+    log.attach(strategy)
+
+    per_rank = args.global_batch // (W * args.accum)
+    gen = torch.Generator().manual_seed(1234)
+    first = 0
+    if args.resume:
+        strategy.load_checkpoint(Path(args.ckpt))
+        first = args.save_at
+    d_grads_in_g_phase = []
+    for it in range(args.iters):
+        batches = []
+        for _d in range(args.d_steps):
+            real = torch.rand(args.global_batch, 1, 32, 32, generator=gen) * 2 - 1
+            z = torch.randn(args.global_batch, cfg.model.nz, generator=gen)
+            micro = []
+            for m in range(args.accum):
+                lo = (r * args.accum + m) * per_rank
+                micro.append((real[lo:lo + per_rank], z[lo:lo + per_rank]))
+            batches.append(micro)
+        if it < first:
+            continue  # the resumed run skips the batches the saved run already used
+        log.active = it == args.count_iter
+        train_step(strategy, batches)
+        log.active = False
+        d_grads_in_g_phase.append(any(p.grad is not None for p in strategy.raw["D"].parameters()))
+        if args.ckpt and not args.resume and it + 1 == args.save_at:
+            if info.is_main:
+                Path(args.ckpt).mkdir(parents=True, exist_ok=True)
+            gdist.barrier()
+            strategy.save_checkpoint(Path(args.ckpt))
+
+    strategy.sync_buffers()
+    full = {n: strategy.full_state_dict(n) for n in ("G", "D")}
+    out = {"G": full["G"], "D": full["D"], "strategy": strategy.name, "world_size": W, "rank": r,
+           "numel": {n: sum(getattr(p, "ds_numel", p.numel()) for p in strategy.raw[n].parameters()) for n in ("G", "D")},
+           "local_numel": {n: sum(local_numel(p) for p in strategy.raw[n].parameters()) for n in ("G", "D")},
+           "optim_numel": {n: optimizer_state_numel(strategy.optimizers[n]) for n in ("G", "D")},
+           "collectives": log.calls, "d_grads_in_g_phase": d_grads_in_g_phase,
+           "param_dtypes": sorted({str(p.dtype) for n in ("G", "D") for p in strategy.raw[n].parameters()})}
+    torch.save(out, args.out)
+    strategy.close()
+    del strategy, G, D
+    gdist.teardown()
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main()
