@@ -103,6 +103,7 @@ def _expand(urls: str | Sequence[str], allow_pipe: bool) -> tuple[list[str], dic
     out: list[str] = []
     known: dict[str, dict[str, Any]] = {}
     meta_keys = ("resolution", "channels", "image_format")
+    missing: list[str] = []
 
     def add_manifest(path: Path) -> None:
         m = read_manifest(path)
@@ -135,7 +136,10 @@ def _expand(urls: str | Sequence[str], allow_pipe: bool) -> tuple[list[str], dic
             elif path.is_file():
                 out.append(str(path))
             else:
-                raise DataError(f"data.urls: shard {url!r} does not exist")
+                missing.append(url)
+    if missing:
+        more = f" (nor do {len(missing) - 1} more, the last {missing[-1]!r})" if len(missing) > 1 else ""
+        raise DataError(f"data.urls: shard {missing[0]!r} does not exist{more}")
     if not out:
         raise DataError(f"data.urls={urls!r} names no shards")
     duplicates = sorted({u for u in out if out.count(u) > 1}) if len(out) < 100_000 else []
