@@ -63,14 +63,15 @@ def write_shard(path: Path, keys: Sequence[str], fmt: str = "png", channels: int
 
 
 def make_shards(root: Path, sizes: Sequence[int], fmt: str = "png", channels: int = 1,
-                bad: Optional[dict[str, str]] = None, prefix: str = "part") -> tuple[list[str], list[str]]:
+                bad: Optional[dict[str, str]] = None, prefix: str = "part",
+                resolution: int = RES) -> tuple[list[str], list[str]]:
     """Shards of the given sizes (0: a valid empty tar); returns (urls, all keys)."""
     root.mkdir(parents=True, exist_ok=True)
     urls, keys = [], []
     for s, n in enumerate(sizes):
         ks = [f"s{s:02d}i{i:03d}" for i in range(n)]
         path = root / f"{prefix}-{s:06d}.tar"
-        write_shard(path, ks, fmt, channels, bad)
+        write_shard(path, ks, fmt, channels, bad, resolution)
         urls.append(str(path))
         keys.extend(ks)
     return urls, keys
