@@ -84,10 +84,35 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class _KeepWriteError:
+    """A file wrapper that remembers the OSError of a failed write: torch.save reports a full
+    disk only as "unexpected pos", which names neither the cause nor the file."""
+
+    def __init__(self, f: Any) -> None:
+        self.f = f
+        self.error: Optional[OSError] = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def save_file(obj: Any, path: Path) -> None:
     """torch.save and fsync: the bytes are on disk before the manifest claims them."""
     with open(path, "wb") as f:
-        torch.save(obj, f)
+        out = _KeepWriteError(f)
+        try:
+            torch.save(obj, out)
+        except Exception:
+            if out.error is not None:
+                raise OSError(out.error.errno, out.error.strerror, str(path)) from None
+            raise
         f.flush()
         os.fsync(f.fileno())
 

@@ -188,6 +188,7 @@ class Trainer:
             "rank": self.info.rank, "rng": rng_state(self.device), "noise": self.noise.get_state(),
             "data": data_state() if callable(data_state) else None,
             "batches_drawn": self.step * t.d_steps * t.grad_accum,
+            "skipped_updates": dict(self.strategy.skipped_updates),  # as this rank counted them
         }
         path = self.ckpt.save(self.step, self.strategy, trainer_state, rank_state, to_yaml(self.cfg))
         self.last_saved_step = self.step
