@@ -214,6 +214,11 @@ class DeepSpeedStrategy(Strategy):
                                                             config=copy.deepcopy(self.config),
                                                             dist_init_required=False)
             self.engines[name] = engine
+            # ZeRO 0-2 cast the whole module, buffers included, to the compute dtype; ZeRO-3 casts
+            # only parameters, and BatchNorm refuses bf16 weights with fp32 running statistics
+            for buf in engine.module.buffers():
+                if buf.is_floating_point():
+                    buf.data = buf.data.to(self.compute_dtype)
             if hasattr(ds_optimizer, "check_grad_overflow"):
                 # skip NaN/Inf updates in fp32 as well (DeepSpeed checks only bf16/fp16 by default)
                 ds_optimizer.check_grad_overflow = True
@@ -298,6 +303,7 @@ class DeepSpeedStrategy(Strategy):
 
     def save_checkpoint(self, path: Path) -> None:
         """Each engine writes its own files: module, ZeRO partitions, loss scaler. Collective."""
+        self.sync_buffers()  # the module file holds one rank's buffers: make them rank 0's
         for name in NAMES:
             self.engines[name].save_checkpoint(str(Path(path) / CHECKPOINT_DIR / name), tag=CHECKPOINT_TAG,
                                                save_latest=False)

@@ -15,6 +15,7 @@ gradients local until the last micro-batch, whose backward reduce-scatters them 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -66,6 +67,8 @@ class FSDPStrategy(Strategy):
                               "(or use param_dtype=bf16)")
         if cfg.cpu_offload and train_cfg.compile:
             raise ConfigError("parallel.fsdp.cpu_offload=true cannot be combined with train.compile=true")
+        # D returns `logits.flatten()`, a view; the loop never modifies a model output in place
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
         ensure_process_group(self.device)
         self.mesh = init_device_mesh(self.device.type, (dist.get_world_size(),))
         if train_cfg.precision == "fp16":
@@ -153,6 +156,9 @@ class FSDPStrategy(Strategy):
         import torch.distributed.checkpoint as dcp
 
         path = Path(path)
+        # buffers are replicated, and DCP writes a replicated tensor from one rank of its choice:
+        # make them rank 0's, as the replicated strategies' checkpoints are
+        self.sync_buffers()
         dcp.save(self._train_state(), checkpoint_id=str(path / CHECKPOINT_DIR))
         if self.info.is_main:
             torch.save({n: s.state_dict() for n, s in self.precision.scalers.items()}, path / SCALERS_FILE)
