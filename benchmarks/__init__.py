@@ -1,0 +1,1 @@
+"""Throughput, MFU, memory and communication benchmarks of gan_dist (see docs/benchmarks.md)."""
