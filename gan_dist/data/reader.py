@@ -3,8 +3,10 @@
 Each rank runs a torch DataLoader whose workers are "reader slots" (see plan.py for who
 reads what). A slot reads its tar sample ranges, shuffles the undecoded samples in a buffer,
 decodes them to uint8 images (optionally mirrored), and hands over whole batches together
-with its position and its counts of bad data. The main process turns them into float
-tensors in [-1, 1] on the device (a quarter of the bytes through shared and pinned memory).
+with its position and its counts of bad data. Batches reach the training loop as float
+tensors in [-1, 1]: scaled in the worker when training runs on the CPU (the training process
+does no per-pixel work), or copied as uint8 and scaled on the GPU (a quarter of the bytes
+through shared and pinned memory and over PCIe).
 
 The stream never ends: the trainer takes a fixed number of batches, so ranks never wait for
 each other's data. Everything a slot does is a function of (run.seed, epoch, rank, worker,
@@ -57,6 +59,7 @@ class ReaderSpec:
     resolution: int
     shuffle_buffer: int
     flip: bool
+    to_float: bool = True  # scale to [-1, 1] in the worker (CPU training); else on the device
 
     @property
     def slots(self) -> int:
@@ -74,6 +77,11 @@ class Batch:
     images: torch.Tensor  # (B, C, R, R) float in [-1, 1] on the device
     keys: list[str]
     padded: torch.Tensor  # (B,) bool: a repeat that fills an epoch's last batch
+
+
+def to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float32 in [-1, 1] (the same arithmetic on every device)."""
+    return images.float().div_(127.5).sub_(1.0)
 
 
 def _close_quietly(stream: Any) -> None:
@@ -169,7 +177,10 @@ class SlotReader:
 
     def _batch(self, imgs: list[np.ndarray], keys: list[str], pads: list[bool],
                state: tuple[int, int, int]) -> dict[str, Any]:
-        return {"images": torch.from_numpy(np.stack(imgs)), "keys": keys, "padded": torch.tensor(pads, dtype=torch.bool),
+        images = torch.from_numpy(np.stack(imgs))
+        if self.spec.to_float:
+            images = to_unit_range(images)
+        return {"images": images, "keys": keys, "padded": torch.tensor(pads, dtype=torch.bool),
                 "worker": self.worker, "state": list(state), "tally": self.tally.take()}
 
     # ---- epoch mode -------------------------------------------------------------------------
@@ -358,7 +369,9 @@ class ShardLoader:
         self.worker_states[worker] = raw["state"]
         self.batches += 1
         self.stats_.add(raw["tally"])
-        images = raw["images"].to(self.device, non_blocking=True).float().div_(127.5).sub_(1.0)
+        images = raw["images"].to(self.device, non_blocking=True)
+        if images.dtype == torch.uint8:
+            images = to_unit_range(images)
         self.wait_s += time.perf_counter() - started
         return Batch(images, raw["keys"], raw["padded"])
 
@@ -497,7 +510,8 @@ def build_loader(shards: ShardSet, data_cfg: Any, channels: int, resolution: int
     spec = ReaderSpec(urls=tuple(shards.urls), counts=counts, mode=data_cfg.mode,
                       remainder=data_cfg.epoch_remainder, seed=seed, rank=rank, world_size=world_size,
                       workers=workers, batch_size=batch_size, channels=channels, resolution=resolution,
-                      shuffle_buffer=data_cfg.shuffle_buffer, flip=data_cfg.flip)
+                      shuffle_buffer=data_cfg.shuffle_buffer, flip=data_cfg.flip,
+                      to_float=device.type == "cpu")
     if data_cfg.mode == "epoch" and rank == 0:
         per_epoch = spec.batches_per_epoch * batch_size * spec.slots
         diff = per_epoch - sum(counts)  # type: ignore[arg-type]
