@@ -128,3 +128,19 @@ def test_kill_9_of_a_rank_under_torchrun_restarts_and_resumes_exactly(tmp_path, 
     assert killed_after <= resumed_at < TOTAL, (killed_after, resumed_at)
     assert f"at step {resumed_at}" in out
     assert sha(run_dir / "generator.pt") == uninterrupted[2]
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed"])
+def test_sharded_strategies_resume_exactly(tmp_path, strategy):
+    """Sharded checkpoints (DCP shards / DeepSpeed engine files) inside the same atomic,
+    verified checkpoint directory: 12 steps, then 8 more, equal 20 uninterrupted steps."""
+    args = [f"parallel.strategy={strategy}", *EVERY]
+    ddp_run(tmp_path / "whole", "train.steps=20", *args)
+    ddp_run(tmp_path / "split", "train.steps=12", *args)
+    first = latest(tmp_path / "split")
+    assert step_of(first) == 12 and verify(first) is None
+    files = json.loads((first / "manifest.json").read_text())["files"]
+    assert any("/" in name for name in files)  # the strategy's own sharded files are verified too
+    resumed = ddp_run(tmp_path / "split", "train.steps=20", *args)
+    assert "at step 12" in resumed.stderr(0)
+    assert sha(tmp_path / "split" / "generator.pt") == sha(tmp_path / "whole" / "generator.pt")
