@@ -131,7 +131,7 @@ def iter_shard_images(urls: Sequence[str], channels: int, resolution: int) -> An
                     img = decode_sample(members, channels, resolution)
                 except BadSample:
                     continue
-                yield img.float().div_(127.5).sub_(1.0)
+                yield torch.from_numpy(np.array(img, dtype=np.uint8)).float().div_(127.5).sub_(1.0)
 
 
 def _embed_batches(images: Any, extractor: Extractor, batch_size: int, limit: int) -> torch.Tensor:

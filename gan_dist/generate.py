@@ -1,0 +1,297 @@
+"""Sample a trained generator: a grid, a folder of PNGs, or WebDataset shards.
+
+    python -m gan_dist.generate --ckpt runs/20260101-120000 --n 64 --out grid.png
+    python -m gan_dist.generate --ckpt runs/20260101-120000 --n 50000 --out samples/        # PNG files
+    torchrun --nproc_per_node 8 -m gan_dist.generate --ckpt RUN --n 1000000 --out gen/samples.tar
+
+`--ckpt` is a run directory (config.yaml + generator.pt, and generator_ema.pt when the run
+kept an EMA, which is then used unless --no-ema), a generator .pt file next to its
+config.yaml, or a training checkpoint (a `step*` directory, or a run directory holding only
+checkpoints/). Launched with several processes, each rank makes its share of the N samples;
+sample i is the same image whatever the number of processes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+EXIT_USAGE = 2
+GRID_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+class GeneratorSourceError(ValueError):
+    """--ckpt names something that holds no generator; the message says what was looked for."""
+
+
+@dataclass
+class LoadedGenerator:
+    G: nn.Module
+    cfg: Any  # the run's Config
+    source: str  # the file (or checkpoint) the weights came from
+    ema: bool  # whether they are the EMA weights
+    step: Optional[int]  # the training step, where known
+
+
+def _config_near(path: Path) -> Path:
+    for d in (path.parent, path.parent.parent):
+        if (d / "config.yaml").is_file():
+            return d / "config.yaml"
+    raise GeneratorSourceError(f"--ckpt {str(path)!r}: no config.yaml next to it (or one level up); "
+                               "it is needed to rebuild the generator")
+
+
+def _load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated file, not a torch file, refused globals
+        raise GeneratorSourceError(f"cannot read {str(path)!r}: {str(exc).splitlines()[0][:200]}") from None
+
+
+def _run_step(run_dir: Path) -> Optional[int]:
+    try:
+        return int(json.loads((run_dir / "run_info.json").read_text())["steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _checkpoint_state(ckpt: Path, ema: Optional[bool]) -> tuple[dict, bool, str]:
+    """G's state_dict from a training checkpoint (EMA parameters over it when asked and present)."""
+    from gan_dist.parallel.base import MODELS_FILE
+
+    trainer = _load(ckpt / "trainer.pt") if (ckpt / "trainer.pt").is_file() else {}
+    if (ckpt / MODELS_FILE).is_file():
+        state = dict(_load(ckpt / MODELS_FILE)["models"]["G"])
+    elif (ckpt / "fsdp").is_dir():
+        state = _fsdp_generator_state(ckpt / "fsdp", trainer)
+    else:
+        raise GeneratorSourceError(f"checkpoint {str(ckpt)!r} holds neither {MODELS_FILE} nor fsdp/: written by "
+                                   f"parallel.strategy={trainer.get('strategy')!r}, which this command cannot read; "
+                                   "finish or resume the run to get generator.pt")
+    ema_params = ((trainer.get("ema") or {}).get("params")) if isinstance(trainer, dict) else None
+    if ema is True and ema_params is None:
+        raise GeneratorSourceError(f"--ema: checkpoint {str(ckpt)!r} holds no EMA (trained with ema.enabled=false)")
+    use_ema = ema is not False and ema_params is not None
+    if use_ema:
+        state.update(ema_params)
+    return state, use_ema, str(ckpt)
+
+
+def _fsdp_generator_state(dcp_dir: Path, trainer: dict) -> dict:
+    """G's full state_dict from a torch.distributed.checkpoint directory, in this one process."""
+    import torch.distributed.checkpoint as dcp
+
+    from gan_dist.config import load_config
+    from gan_dist.models import build_generator
+
+    cfg = load_config(dcp_dir.parent / "config.yaml")
+    template = build_generator(cfg.model).state_dict()
+    wanted = {"G": {"model": template}}
+    dcp.load(wanted, checkpoint_id=str(dcp_dir), no_dist=True)
+    return wanted["G"]["model"]
+
+
+def resolve_source(ckpt: str, ema: Optional[bool]) -> tuple[Path, dict, bool, str, Optional[int]]:
+    """(config.yaml, G state_dict, is EMA, source description, step) for any --ckpt form."""
+    path = Path(ckpt)
+    if not path.exists():
+        raise GeneratorSourceError(f"--ckpt {ckpt!r} does not exist")
+    if path.is_file():
+        state = _load(path)
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise GeneratorSourceError(f"--ckpt {ckpt!r} is not a generator state_dict (generator.pt)")
+        return _config_near(path), state, "ema" in path.stem, str(path), _run_step(path.parent)
+    if (path / "generator.pt").is_file() or (path / "generator_ema.pt").is_file():
+        has_ema = (path / "generator_ema.pt").is_file()
+        if ema is True and not has_ema:
+            raise GeneratorSourceError(f"--ema: {ckpt!r} has no generator_ema.pt (trained with ema.enabled=false)")
+        name = "generator_ema.pt" if has_ema and ema is not False else "generator.pt"
+        if not (path / name).is_file():
+            raise GeneratorSourceError(f"--no-ema: {ckpt!r} has no generator.pt")
+        return _config_near(path / name), _load(path / name), name == "generator_ema.pt", str(path / name), \
+            _run_step(path)
+    ckpt_dir = None
+    if (path / "trainer.pt").is_file():
+        ckpt_dir = path
+    else:
+        for root in (path / "checkpoints", path):
+            latest = root / "latest"
+            if latest.is_file() and (root / latest.read_text().strip()).is_dir():
+                ckpt_dir = root / latest.read_text().strip()
+                break
+    if ckpt_dir is None:
+        raise GeneratorSourceError(f"--ckpt {ckpt!r}: no generator.pt, generator_ema.pt, checkpoint (trainer.pt) "
+                                   "or checkpoints/latest found there")
+    state, use_ema, source = _checkpoint_state(ckpt_dir, ema)
+    trainer = _load(ckpt_dir / "trainer.pt")
+    step = trainer.get("step") if isinstance(trainer, dict) else None
+    config = ckpt_dir / "config.yaml" if (ckpt_dir / "config.yaml").is_file() else _config_near(ckpt_dir)
+    return config, state, use_ema, source, step
+
+
+def load_generator(ckpt: str, ema: Optional[bool] = None, device: torch.device = torch.device("cpu"),
+                   overrides: Optional[list[str]] = None) -> LoadedGenerator:
+    """The generator of a run or checkpoint, rebuilt from its config.yaml, in eval mode.
+
+    `ema`: None prefers the EMA weights where they exist; True requires them; False refuses them.
+    """
+    from gan_dist.checkpoint import CheckpointError, load_model_state
+    from gan_dist.config import load_config
+    from gan_dist.models import build_generator
+
+    config, state, is_ema, source, step = resolve_source(ckpt, ema)
+    cfg = load_config(config, overrides or [])
+    G = build_generator(cfg.model)
+    try:
+        load_model_state(G, state, f"generator ({source})")
+    except CheckpointError as exc:
+        raise GeneratorSourceError(str(exc)) from None
+    return LoadedGenerator(G.to(device).eval().requires_grad_(False), cfg, source, is_ema, step)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] float (N, C, H, W) -> uint8 (N, H, W, C), as the demo shards store images."""
+    return ((images.float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+@torch.no_grad()
+def generate_range(G: nn.Module, start: int, end: int, seed: int, batch_size: int, device: torch.device):
+    """Yield (first index, images in [-1, 1]) for samples [start, end), batch by batch."""
+    from gan_dist.metrics.shares import latents
+
+    for lo in range(start, end, batch_size):
+        hi = min(end, lo + batch_size)
+        yield lo, G(latents(lo, hi, G.nz, seed).to(device)).float()
+
+
+def write_grid(G: nn.Module, n: int, out: Path, seed: int, batch_size: int, device: torch.device,
+               image_shape: tuple[int, int, int]) -> None:
+    """All N images gathered on rank 0 into one grid PNG."""
+    from gan_dist import distributed as gdist
+    from gan_dist.logging import save_grid
+    from gan_dist.metrics.shares import gather_rows, share, share_counts
+
+    start, end = share(n, gdist.rank(), gdist.world_size())
+    parts = [x.cpu() for _, x in generate_range(G, start, end, seed, batch_size, device)]
+    mine = torch.cat(parts) if parts else torch.empty(0, *image_shape)
+    images = gather_rows(mine, share_counts(n, gdist.world_size()))
+    if images is not None:
+        save_grid(images, out)
+
+
+def write_pngs(G: nn.Module, n: int, out: Path, seed: int, batch_size: int, device: torch.device) -> int:
+    """This rank's share as out/{index}.png; returns how many it wrote."""
+    from PIL import Image
+
+    from gan_dist import distributed as gdist
+    from gan_dist.metrics.shares import share
+
+    start, end = share(n, gdist.rank(), gdist.world_size())
+    width = max(6, len(str(n - 1)))
+    out.mkdir(parents=True, exist_ok=True)
+    for lo, images in generate_range(G, start, end, seed, batch_size, device):
+        for i, arr in enumerate(to_uint8(images).numpy()):
+            Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(out / f"{lo + i:0{width}d}.png")
+    return end - start
+
+
+def write_shards(G: nn.Module, n: int, out: Path, seed: int, batch_size: int, device: torch.device,
+                 shard_size: int, meta: dict) -> Optional[Path]:
+    """This rank's share as `{stem}-{rank}-{k}.tar` shards; rank 0 writes manifest.json for all."""
+    from gan_dist import distributed as gdist
+    from gan_dist.data.writer import ShardSink, encode, write_manifest
+    from gan_dist.metrics.shares import share
+
+    rank, world = gdist.rank(), gdist.world_size()
+    start, end = share(n, rank, world)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sink = ShardSink(out.parent, f"{out.stem}-{rank:05d}", max_count=shard_size)
+    width = max(8, len(str(n - 1)))
+    for lo, images in generate_range(G, start, end, seed, batch_size, device):
+        for i, arr in enumerate(to_uint8(images).numpy()):
+            sink.write(f"{lo + i:0{width}d}", {"png": encode(arr, "png")})
+    mine = sink.close()
+    entries: list[Any] = [mine]
+    if world > 1:
+        import torch.distributed as dist
+
+        entries = [None] * world
+        dist.all_gather_object(entries, mine)
+    if rank != 0:
+        return None
+    flat = [e for part in entries for e in part]
+    return write_manifest(out.parent, flat, image_format="png", **meta)
+
+
+def output_kind(out: str) -> str:
+    suffix = Path(out).suffix.lower()
+    if suffix in GRID_SUFFIXES:
+        return "grid"
+    if suffix == ".tar":
+        return "shards"
+    return "dir"
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="gan_dist.generate", description="Sample a trained gan_dist generator.")
+    p.add_argument("--ckpt", required=True, help="run directory, generator .pt file or training checkpoint")
+    p.add_argument("--n", type=int, required=True, help="number of images")
+    p.add_argument("--out", required=True,
+                   help="grid.png (one grid), a directory (one PNG per image) or name.tar (shards + manifest.json)")
+    p.add_argument("--seed", type=int, default=0, help="latent seed: sample i is the same for every process count")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--shard-size", type=int, default=10_000, help="images per shard (name.tar output)")
+    ema = p.add_mutually_exclusive_group()
+    ema.add_argument("--ema", dest="ema", action="store_true", default=None, help="require the EMA weights")
+    ema.add_argument("--no-ema", dest="ema", action="store_false", help="use the training weights")
+    args = p.parse_args(argv)
+    if args.n < 1:
+        p.error("--n must be >= 1")
+    if args.batch_size < 1 or args.shard_size < 1:
+        p.error("--batch-size and --shard-size must be >= 1")
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    from gan_dist import distributed as gdist
+    from gan_dist.config import ConfigError
+
+    info = gdist.init_distributed()
+    code = 1
+    try:
+        torch.set_num_threads(max(1, torch.get_num_threads() // max(1, info.local_world_size)))
+        loaded = load_generator(args.ckpt, args.ema, info.device)
+        kind = output_kind(args.out)
+        out = Path(args.out)
+        if kind == "grid":
+            m = loaded.cfg.model
+            write_grid(loaded.G, args.n, out, args.seed, args.batch_size, info.device,
+                       (m.channels, m.resolution, m.resolution))
+        elif kind == "dir":
+            write_pngs(loaded.G, args.n, out, args.seed, args.batch_size, info.device)
+        else:
+            meta = {"resolution": loaded.cfg.model.resolution, "channels": loaded.cfg.model.channels,
+                    "source": {"ckpt": loaded.source, "ema": loaded.ema, "seed": args.seed, "n": args.n}}
+            write_shards(loaded.G, args.n, out, args.seed, args.batch_size, info.device, args.shard_size, meta)
+        gdist.barrier()
+        if info.is_main:
+            print(json.dumps({"out": str(out), "kind": kind, "n": args.n, "weights": loaded.source,
+                              "ema": loaded.ema, "step": loaded.step, "world_size": info.world_size}))
+        code = 0
+    except (GeneratorSourceError, ConfigError) as exc:
+        print(f"gan_dist.generate: error: {exc}", file=sys.stderr)
+        code = EXIT_USAGE
+    finally:
+        gdist.teardown(clean=code == 0)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""Evaluation pieces in one process: sample splitting, latents, the KID fast path, extractors
+(Inception weights: found, missing, broken), reference-statistics caching, the evaluator end to end."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gan_dist.config import ConfigError, load_config
+from gan_dist.metrics import frechet
+from gan_dist.metrics.evaluation import (Evaluator, Reference, dataset_reference, reference_cache_paths,
+                                         training_evaluator)
+from gan_dist.metrics.extractors import (INCEPTION_ENV, INCEPTION_FILE, DigitsExtractor, InceptionExtractor,
+                                         build_inception_v3, resolve_extractor_name)
+from gan_dist.metrics.shares import LATENT_BLOCK, latents, share, share_counts
+
+
+# ---- splitting ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+@pytest.mark.parametrize("n", [0, 1, 2, 7, 37, 1000])
+def test_share_covers_every_index_exactly_once(n, world):
+    ranges = [share(n, r, world) for r in range(world)]
+    indices = [i for s, e in ranges for i in range(s, e)]
+    assert indices == list(range(n))  # contiguous, in rank order, no gaps, no repeats
+    counts = share_counts(n, world)
+    assert sum(counts) == n and max(counts) - min(counts) <= 1
+
+
+def test_share_rejects_impossible_splits():
+    with pytest.raises(ValueError):
+        share(10, 2, 2)
+    with pytest.raises(ValueError):
+        share(-1, 0, 1)
+
+
+def test_latents_do_not_depend_on_how_the_range_is_split():
+    n = 2 * LATENT_BLOCK + 300
+    whole = latents(0, n, 8, seed=5)
+    for cuts in ([LATENT_BLOCK], [LATENT_BLOCK - 1, LATENT_BLOCK + 1], [17, 1500, 2100]):
+        bounds = [0, *cuts, n]
+        parts = torch.cat([latents(a, b, 8, seed=5) for a, b in zip(bounds, bounds[1:])])
+        assert torch.equal(parts, whole)
+    assert not torch.equal(latents(0, 10, 8, seed=6), whole[:10])
+    assert latents(5, 5, 8, 0).shape == (0, 8)
+    assert abs(whole.mean().item()) < 0.05 and abs(whole.std().item() - 1) < 0.05
+
+
+# ---- KID: the kernel-matrix path equals the per-subset path ----------------------------------------
+def test_kid_kernel_cache_path_equals_per_subset_path(monkeypatch):
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(400, 12)), rng.normal(size=(350, 12)) + 0.2
+    fast = frechet.kernel_inception_distance(x, y, num_subsets=50, subset_size=200, seed=3)
+    monkeypatch.setattr(frechet, "KERNEL_CACHE_MAX", 0)
+    slow = frechet.kernel_inception_distance(x, y, num_subsets=50, subset_size=200, seed=3)
+    assert fast[0] == pytest.approx(slow[0], rel=1e-10, abs=1e-14)
+    assert fast[1] == pytest.approx(slow[1], rel=1e-8, abs=1e-14)
+    assert fast[0] > 0
+
+
+# ---- extractors -------------------------------------------------------------------------------------
+@pytest.fixture
+def no_inception(monkeypatch, tmp_path):
+    """An offline machine without the Inception weights anywhere gan_dist looks."""
+    monkeypatch.delenv(INCEPTION_ENV, raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    return tmp_path
+
+
+def test_missing_inception_weights_give_an_error_that_says_how_to_provide_them(no_inception):
+    with pytest.raises(ConfigError) as err:
+        InceptionExtractor(torch.device("cpu"))
+    msg = str(err.value)
+    for needed in ("eval.inception_weights", INCEPTION_ENV, INCEPTION_FILE, "https://download.pytorch.org",
+                   "eval.extractor=digits"):
+        assert needed in msg
+    assert not (no_inception / "torch_home").exists() or not any((no_inception / "torch_home").rglob("*.pth"))
+
+
+def test_missing_inception_weights_stop_training_before_it_starts(no_inception):
+    from tests._mp import PYTHON, REPO, base_env, run
+    from tests.conftest import TINY
+
+    env = base_env(TORCH_HOME=str(no_inception / "torch_home"))
+    env.pop(INCEPTION_ENV, None)
+    res = run([PYTHON, "-m", "gan_dist.train", *TINY, f"run.dir={no_inception / 'run'}", "eval.extractor=inception",
+               "data.num_workers=0"], timeout=120, env=env, cwd=REPO, check=False)
+    assert res.returncode == 2
+    assert "eval.inception_weights" in res.stderr and INCEPTION_ENV in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (no_inception / "run" / "generator.pt").exists()
+
+
+def test_configured_inception_path_that_does_not_exist_is_named(no_inception, monkeypatch):
+    with pytest.raises(ConfigError, match="eval.inception_weights='/nowhere/x.pth': no such file"):
+        InceptionExtractor(torch.device("cpu"), weights="/nowhere/x.pth")
+    monkeypatch.setenv(INCEPTION_ENV, "/nowhere/y.pth")
+    with pytest.raises(ConfigError, match=f"{INCEPTION_ENV}='/nowhere/y.pth'"):
+        InceptionExtractor(torch.device("cpu"))
+
+
+def test_a_file_that_is_not_inception_weights_is_rejected_by_name(no_inception):
+    bad = no_inception / "not_inception.pth"
+    torch.save({"weight": torch.zeros(3)}, bad)
+    with pytest.raises(ConfigError, match="not_inception.pth.*cannot be loaded"):
+        InceptionExtractor(torch.device("cpu"), weights=str(bad))
+
+
+def test_inception_extractor_loads_a_local_weights_file(no_inception, monkeypatch):
+    """torchvision's InceptionV3 with weights from a file (random ones here: nothing is downloaded)."""
+    torch.manual_seed(0)
+    path = no_inception / INCEPTION_FILE
+    torch.save(build_inception_v3().state_dict() | _aux_state(), path)
+    monkeypatch.setenv(INCEPTION_ENV, str(path))
+    ex = InceptionExtractor(torch.device("cpu"))
+    assert ex.fd_key == "fid" and ex.identity.startswith("inception_v3-")
+    gray = torch.rand(2, 1, 32, 32) * 2 - 1
+    feats, probs = ex(gray)
+    assert feats.shape == (2, 2048) and probs is None and torch.isfinite(feats).all()
+    # gray images are embedded as RGB with three equal channels
+    torch.testing.assert_close(feats, ex(gray.expand(-1, 3, -1, -1))[0])
+    assert resolve_extractor_name(load_config(None, ["data.urls=/x"]).eval, demo_data=False) == "inception"
+
+
+def _aux_state() -> dict:
+    """The AuxLogits and fc entries of torchvision's file, which build_inception_v3() drops."""
+    from torchvision.models import inception_v3
+
+    full = inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict()
+    return {k: v for k, v in full.items() if k.startswith(("AuxLogits.", "fc."))}
+
+
+def test_auto_extractor_choice(no_inception):
+    cfg = load_config(None, [])
+    assert resolve_extractor_name(cfg.eval, demo_data=True) == "digits"
+    assert resolve_extractor_name(cfg.eval, demo_data=False) is None  # no weights: no evaluation
+    assert resolve_extractor_name(load_config(None, ["eval.extractor=inception"]).eval, False) == "inception"
+
+
+def test_digits_metrics_refuse_images_that_are_not_digits(no_inception):
+    cfg = load_config(None, ["model.channels=3", "model.resolution=64", "eval.extractor=digits"])
+    with pytest.raises(ConfigError, match="eval.extractor=digits measures 1 x 32 x 32"):
+        training_evaluator(cfg, ["/unused.tar"], torch.device("cpu"), True)
+    assert training_evaluator(load_config(None, ["eval.enabled=false"]), [], torch.device("cpu"), True) is None
+
+
+# ---- reference statistics and the evaluator ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def demo():
+    from gan_dist.data.demo import demo_images, ensure_demo_shards
+
+    return ensure_demo_shards(), demo_images()[0]
+
+
+def test_reference_is_cached_next_to_the_shards_and_invalidated_when_they_change(demo, tmp_path):
+    import shutil
+
+    urls = [str(shutil.copy(u, tmp_path)) for u in demo[0][:3]]
+    ex = DigitsExtractor(torch.device("cpu"))
+    ref = dataset_reference(urls, ex, 1, 32, log=lambda m: None)
+    assert ref.path.parent == tmp_path and ref.path.is_file()
+    assert 300 < ref.n < 400 and ref.mu.shape == (128,) and ref.sigma.shape == (128, 128)
+    stamp = ref.path.stat().st_mtime_ns
+    cached = dataset_reference(urls, ex, 1, 32, log=lambda m: None)
+    assert cached.path == ref.path and ref.path.stat().st_mtime_ns == stamp
+    np.testing.assert_array_equal(cached.sigma, ref.sigma)
+    os.utime(urls[0], (1, 1))  # a shard changed: new statistics, a new file
+    assert reference_cache_paths(urls, ex.identity, 1, 32, 0)[0] != ref.path
+    # a read-only shard directory: the gan_dist cache directory instead
+    tmp_path.chmod(0o555)
+    try:
+        if not os.access(tmp_path, os.W_OK):  # root ignores the mode
+            assert reference_cache_paths(urls, ex.identity, 1, 32, 0)[0].parent.name == "refstats"
+    finally:
+        tmp_path.chmod(0o755)
+
+
+def test_evaluator_on_the_real_images_gives_zero_distance_and_full_coverage(demo):
+    urls, images = demo
+    ex = DigitsExtractor(torch.device("cpu"))
+    ref = dataset_reference(urls, ex, 1, 32, log=lambda m: None)
+    real = torch.from_numpy(images).float().div(127.5).sub(1).unsqueeze(1)  # exactly what the shards hold
+    order = iter(range(len(real)))
+
+    def generate(z: torch.Tensor) -> torch.Tensor:  # "generates" the dataset, image by image
+        return real[[next(order) for _ in range(len(z))]]
+
+    ev = Evaluator(ex, ref, num_samples=len(real), nz=4, batch_size=500, kid_subsets=10)
+    result = ev.run(generate)
+    assert result["num_samples"] == len(real) == ref.n
+    assert result["digits_fd"] < 1e-3  # float32 features, another order: rounding only
+    assert abs(result["kid"]) < 0.5  # unbiased: scatters around 0 (noise images: > 5)
+    assert result["class_coverage"] == 10 and result["confident_fraction"] > 0.95
+
+    noise = Evaluator(ex, ref, num_samples=300, nz=1024, batch_size=300, kid_subsets=10)
+    bad = noise.run(lambda z: z.view(-1, 1, 32, 32).clamp(-1, 1))
+    assert bad["digits_fd"] > 100 and bad["kid"] > 5
+
+
+def test_reference_from_features_keeps_a_bounded_kid_subset():
+    feats = np.random.default_rng(0).normal(size=(12_000, 4))
+    ref = Reference.from_features(feats)
+    assert ref.n == 12_000 and len(ref.features) == 10_000 and ref.features.dtype == np.float32
+    np.testing.assert_allclose(ref.mu, feats.mean(0))
