@@ -269,6 +269,19 @@ def test_every_kind_of_bad_data_is_skipped_counted_and_training_goes_on(every_ki
     loader.close()
 
 
+@pytest.mark.parametrize("mode", ["epoch", "stream"])
+def test_a_reader_with_nothing_usable_stops_with_a_clear_error(tmp_path, mode):
+    keys = [f"k{i}" for i in range(6)]
+    write_shard(tmp_path / "all-bad.tar", keys, bad={k: "corrupt" for k in keys})
+    loader = make_loader(str(tmp_path), mode=mode, workers=1, batch=2)
+    with pytest.raises(DataError) as err:
+        loader.next_batch()
+    text = str(err.value)
+    assert text.startswith("data: rank 0 reader 0 found no usable sample") and "all-bad.tar" in text
+    assert "Traceback" not in text
+    loader.close()
+
+
 def test_a_shard_that_disappears_mid_run_is_counted_not_fatal(tmp_path):
     urls, _ = make_shards(tmp_path, [6, 6, 6])
     loader = make_loader(urls, mode="stream", batch=2)

@@ -84,6 +84,14 @@ def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(127.5).sub_(1.0)
 
 
+def _worker_message(text: str) -> str:
+    """The original message of an exception that a DataLoader worker re-raised in this process."""
+    if "Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    return last.split("DataError: ", 1)[-1]
+
+
 def _close_quietly(stream: Any) -> None:
     try:
         stream.close()
@@ -362,7 +370,10 @@ class ShardLoader:
         if self._it is None:
             self._start()
         assert self._it is not None
-        raw = next(self._it)
+        try:
+            raw = next(self._it)
+        except DataError as exc:  # from a loader worker: drop the worker's traceback text
+            raise DataError(_worker_message(str(exc))) from None
         worker = self.batches % self.spec.workers
         if raw["worker"] != worker:
             raise RuntimeError(f"data: batch {self.batches} came from reader {raw['worker']}, expected {worker}")

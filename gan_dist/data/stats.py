@@ -113,7 +113,10 @@ def global_summary(stats: DataStats, urls: Sequence[str], extra: Sequence[float]
     t = torch.from_numpy(flat.astype(np.float64))
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     if distributed:
+        on_gpu = dist.get_backend() == "nccl"  # NCCL reduces device tensors only
+        t = t.to(torch.device("cuda", torch.cuda.current_device())) if on_gpu else t
         dist.all_reduce(t)
+        t = t.cpu()
     v = t.numpy()
     read, skipped = v[:n].astype(np.int64), v[n:2 * n].astype(np.int64)
     rest = v[2 * n:]
