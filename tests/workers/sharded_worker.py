@@ -111,14 +111,18 @@ def local_numel(p: torch.Tensor) -> int:
     return p.numel()
 
 
-def optimizer_state_numel(opt) -> int:
+def _local(t: torch.Tensor) -> int:
+    return t.to_local().numel() if hasattr(t, "to_local") else t.numel()
+
+
+def optimizer_numel(opt) -> dict:
+    """Elements the optimizer holds on this rank: the parameters it updates (ZeRO: this rank's
+    fp32 partition) and its state (Adam moments)."""
     inner = getattr(opt, "optimizer", opt)  # DeepSpeed wraps the torch optimizer
-    total = 0
-    for state in inner.state.values():
-        for v in state.values():
-            if isinstance(v, torch.Tensor) and v.dim() > 0:
-                total += v.to_local().numel() if hasattr(v, "to_local") else v.numel()
-    return total
+    params = sum(_local(p) for g in inner.param_groups for p in g["params"])
+    state = sum(_local(v) for st in inner.state.values() for v in st.values()
+                if isinstance(v, torch.Tensor) and v.dim() > 0)
+    return {"params": params, "state": state}
 
 
 def main() -> None:
@@ -126,6 +130,10 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--strategy", default="fsdp")
     p.add_argument("--zero-stage", type=int, default=None)
+    p.add_argument("--ds-config", default=None, help="a DeepSpeed JSON (parallel.deepspeed.config)")
+    p.add_argument("--break-freeze", action="store_true",
+                   help="deliberately run the G phase with D live (D's engine, D requiring grad): "
+                        "shows that the collective log catches D's gradients being reduced")
     p.add_argument("--precision", default="fp32")
     p.add_argument("--global-batch", type=int, default=8)
     p.add_argument("--accum", type=int, default=1)
@@ -150,12 +158,22 @@ def main() -> None:
                  f"parallel.strategy={args.strategy}", f"parallel.fsdp.reshard_after_forward={args.reshard}"]
     if args.zero_stage is not None:
         overrides.append(f"parallel.deepspeed.zero_stage={args.zero_stage}")
+    if args.ds_config is not None:
+        overrides.append(f"parallel.deepspeed.config={args.ds_config}")
     cfg = load_config(None, overrides)
     strategy = build_strategy(info, cfg)
     if args.optim == "sgd":
-        strategy.make_optimizer = lambda module, name: torch.optim.SGD(module.parameters(), lr=0.05)
+        strategy.make_optimizer = lambda module, name: torch.optim.SGD(module.parameters(), lr=0.5)
     G, D = build_models(cfg.model, seed=3)
     strategy.setup(G, D)
+    if args.break_freeze:
+        from gan_dist.parallel.base import Strategy
+
+        def live_phase(trained, sync=True):
+            if hasattr(strategy, "engines"):
+                strategy.engines[trained].set_gradient_accumulation_boundary(sync)
+            return Strategy.no_sync(strategy, trained)  # a null context: D stays live in the G phase
+        strategy.phase = live_phase
     log.attach(strategy)
 
     per_rank = args.global_batch // (W * args.accum)
@@ -192,7 +210,8 @@ def main() -> None:
     out = {"G": full["G"], "D": full["D"], "strategy": strategy.name, "world_size": W, "rank": r,
            "numel": {n: sum(getattr(p, "ds_numel", p.numel()) for p in strategy.raw[n].parameters()) for n in ("G", "D")},
            "local_numel": {n: sum(local_numel(p) for p in strategy.raw[n].parameters()) for n in ("G", "D")},
-           "optim_numel": {n: optimizer_state_numel(strategy.optimizers[n]) for n in ("G", "D")},
+           "optim_numel": {n: optimizer_numel(strategy.optimizers[n]) for n in ("G", "D")},
+           "released": {n: all(p.data.numel() == 0 for p in strategy.raw[n].parameters()) for n in ("G", "D")},
            "collectives": log.calls, "d_grads_in_g_phase": d_grads_in_g_phase,
            "param_dtypes": sorted({str(p.dtype) for n in ("G", "D") for p in strategy.raw[n].parameters()})}
     torch.save(out, args.out)
