@@ -1,0 +1,92 @@
+"""Evaluation during training (TensorBoard, metrics.jsonl, run_info.json) and
+`python -m gan_dist.evaluate` (one JSON line; the same numbers in one and two processes)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests._mp import PYTHON, REPO, base_env, run, run_ranks
+from tests.conftest import TINY
+
+pytestmark = pytest.mark.timeout(400)
+EVALUATE = ["-m", "gan_dist.evaluate"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("eval") / "run"
+    run([PYTHON, "-m", "gan_dist.train", *TINY, f"run.dir={run_dir}", "eval.every=2", "eval.num_samples=64",
+         "eval.batch_size=20", "eval.kid_subsets=5"], timeout=300, cwd=REPO)
+    return run_dir
+
+
+def evaluate(*args: str, ranks: int = 1) -> dict:
+    if ranks == 1:
+        out = run([PYTHON, *EVALUATE, *args], timeout=240, cwd=REPO).stdout
+    else:
+        out = run_ranks([*EVALUATE, *args], ranks, timeout=240, cwd=REPO)[0].stdout
+    lines = out.strip().splitlines()
+    assert len(lines) == 1, out
+    return json.loads(lines[0])
+
+
+def test_training_evaluates_at_start_every_n_steps_and_at_the_end(trained):
+    lines = [json.loads(x) for x in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [0, 2, 4]
+    for x in lines:
+        assert x["extractor"] == "digits" and x["num_samples"] == 64 and x["reference_images"] == 1797
+        assert x["digits_fd"] > 0 and 0 <= x["class_coverage"] <= 10
+    info = json.loads((trained / "run_info.json").read_text())
+    assert info["eval"] == lines[-1] and info["ema"] is True
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(trained / "tb"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    for tag in ("metrics/digits_fd", "metrics/kid", "metrics/class_coverage"):
+        assert tag in tags
+    fd = acc.Scalars("metrics/digits_fd")
+    assert [e.step for e in fd] == [0, 2, 4]
+    assert fd[-1].value == pytest.approx(lines[-1]["digits_fd"], rel=1e-6)
+
+
+def test_evaluate_cli_prints_one_json_line_matching_the_training_evaluation(trained):
+    out = evaluate("--ckpt", str(trained), "eval.kid_subsets=5")
+    assert out["ema"] is True and out["weights"].endswith("generator_ema.pt") and out["step"] == 4
+    final = json.loads((trained / "run_info.json").read_text())["eval"]
+    # same generator, same latents, same reference: the same number as at the end of training
+    assert out["num_samples"] == 64
+    assert out["digits_fd"] == pytest.approx(final["digits_fd"], rel=1e-6)
+    assert out["class_coverage"] == final["class_coverage"]
+
+
+def test_evaluate_with_two_processes_equals_one_process(trained):
+    one = evaluate("--ckpt", str(trained), "--n", "33", "eval.kid_subsets=5")
+    two = evaluate("--ckpt", str(trained), "--n", "33", "eval.kid_subsets=5", ranks=2)
+    assert two["world_size"] == 2 and one["world_size"] == 1 and two["num_samples"] == one["num_samples"] == 33
+    assert two["digits_fd"] == pytest.approx(one["digits_fd"], rel=1e-4)
+    assert two["kid"] == pytest.approx(one["kid"], rel=1e-3, abs=1e-4)
+    assert two["class_coverage"] == one["class_coverage"]
+
+
+def test_evaluate_a_checkpoint_and_the_training_weights(trained):
+    ckpt = sorted((trained / "checkpoints").glob("step*"))[-1]
+    from_ckpt = evaluate("--ckpt", str(ckpt), "eval.kid_subsets=5")
+    from_run = evaluate("--ckpt", str(trained), "eval.kid_subsets=5")
+    assert from_ckpt["ema"] is True and from_ckpt["digits_fd"] == pytest.approx(from_run["digits_fd"], rel=1e-9)
+    raw = evaluate("--ckpt", str(trained), "--no-ema", "eval.kid_subsets=5")
+    assert raw["ema"] is False and raw["weights"].endswith("generator.pt")
+
+
+def test_evaluate_errors_are_clear(trained, tmp_path):
+    res = run([PYTHON, *EVALUATE, "--ckpt", str(tmp_path / "none")], timeout=120, cwd=REPO, check=False)
+    assert res.returncode == 2 and "does not exist" in res.stderr and "Traceback" not in res.stderr
+    env = base_env(TORCH_HOME=str(tmp_path / "th"))
+    env.pop("GAN_DIST_INCEPTION_WEIGHTS", None)
+    res = run([PYTHON, *EVALUATE, "--ckpt", str(trained), "eval.extractor=inception"], timeout=120, cwd=REPO,
+              env=env, check=False)
+    assert res.returncode == 2 and "GAN_DIST_INCEPTION_WEIGHTS" in res.stderr and "Traceback" not in res.stderr
+    res = run([PYTHON, *EVALUATE, "--ckpt", str(trained), "eval.bogus=1"], timeout=120, cwd=REPO, check=False)
+    assert res.returncode == 2 and "eval.bogus" in res.stderr
