@@ -313,6 +313,12 @@ def test_pipe_urls_are_refused_unless_allowed(tmp_path):
     loader = make_loader(piped, allow_pipe=True, batch=3)
     seen = [k for b in take(loader, 3) for k in b.keys]
     assert sorted(seen) == sorted(keys)
+    failing = "pipe:cat /nonexistent/shard.tar"
+    with pytest.raises(DataError, match="/nonexistent/shard.tar' cannot be (opened|read)"):  # before training
+        make_loader(piped + [failing], allow_pipe=True, batch=3)
+    loader = make_loader(piped + [failing], mode="stream", allow_pipe=True, batch=3)
+    take(loader, 9)  # in stream mode (no counting up front): skipped and counted each time
+    assert set(loader.stats()["by_shard"][failing]["reasons"]) == {"unreadable"}
 
 
 def test_manifest_counts_are_used_and_checked(tmp_path):

@@ -185,7 +185,11 @@ def count_shard(url: str) -> tuple[int, Optional[str]]:
         with stream:
             for _ in iter_samples(stream, want=lambda i: False, size=shard_size(url, stream)):
                 n += 1
-    except (TarError, OSError, EOFError) as exc:
+    except OSError as exc:  # also a pipe: command that failed
+        if n == 0:
+            raise DataError(f"data.urls: shard {url!r} cannot be read: {exc}") from None
+        return n, str(exc)
+    except (TarError, EOFError) as exc:
         return n, str(exc)
     return n, None
 

@@ -92,13 +92,6 @@ def _worker_message(text: str) -> str:
     return last.split("DataError: ", 1)[-1]
 
 
-def _close_quietly(stream: Any) -> None:
-    try:
-        stream.close()
-    except Exception:  # noqa: BLE001 - a pipe stopped early may report its exit status
-        pass
-
-
 class SlotReader:
     """The endless batches of one slot; runs inside a loader worker."""
 
@@ -126,11 +119,12 @@ class SlotReader:
                 if count:
                     tally.skip(rg.shard, "unreadable", expected if expected is not None else 1)
                 continue
-            extra = 0
+            extra, early, finished = 0, False, False
             try:
                 for index, key, members in iter_samples(stream, want, shard_size(url, stream)):
                     if rg.stop is not None and index >= rg.stop:
                         if not rg.to_end:
+                            early = True
                             break
                         extra += 1  # more samples than the count said: reported, not used
                         continue
@@ -138,14 +132,21 @@ class SlotReader:
                         continue
                     got += 1
                     yield rg.shard, key, members
+                finished = True
             except (TarError, OSError, EOFError) as exc:
                 problem = exc
             finally:
-                _close_quietly(stream)
+                try:
+                    stream.close()
+                except Exception as exc:  # noqa: BLE001 - e.g. the exit status of a pipe: command
+                    if finished and not early and problem is None:  # read to the end, then it failed
+                        problem = OSError(str(exc))
             if not count:
                 continue
             if problem is not None:
-                tally.skip(rg.shard, "truncated", max(1, (expected - got) if expected is not None else 1))
+                lost = max(1, (expected - got) if expected is not None else 1)
+                unreadable = isinstance(problem, OSError) and got == 0  # e.g. a pipe command that failed
+                tally.skip(rg.shard, "unreadable" if unreadable else "truncated", lost)
             elif expected is not None and got < expected:
                 tally.skip(rg.shard, "truncated", expected - got)
             elif rg.to_end and rg.start == 0 and got == 0 and extra == 0 and rg.stride == 1:
@@ -340,6 +341,7 @@ class ShardLoader:
                  prefetch_factor: int = 2, max_skip_fraction: float = 0.01,
                  log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> None:
         self.shards, self.spec, self.device = shards, spec, device
+        self.fingerprint = shards.fingerprint()
         self.num_workers = num_workers
         self.prefetch_factor = prefetch_factor
         self.max_skip_fraction = max_skip_fraction
@@ -410,7 +412,7 @@ class ShardLoader:
         s = self.spec
         return {"version": STATE_VERSION, "mode": s.mode, "remainder": s.remainder, "seed": s.seed,
                 "rank": s.rank, "world_size": s.world_size, "workers": s.workers,
-                "batch_size": s.batch_size, "fingerprint": self.shards.fingerprint(),
+                "batch_size": s.batch_size, "fingerprint": self.fingerprint,
                 "batches": self.batches, "samples": self.batches * s.batch_size, "epoch": self.epoch,
                 "worker_states": [list(map(int, w)) for w in self.worker_states],
                 "stats": self.stats_.state_dict()}
@@ -421,7 +423,7 @@ class ShardLoader:
         if sd.get("version") != STATE_VERSION:
             raise DataError(f"data: cannot restore a reader position of version {sd.get('version')!r}")
         s = self.spec
-        same_data = sd["fingerprint"] == self.shards.fingerprint()
+        same_data = sd["fingerprint"] == self.fingerprint
         layout = {"mode": s.mode, "remainder": s.remainder, "seed": s.seed, "rank": s.rank,
                   "world_size": s.world_size, "workers": s.workers, "batch_size": s.batch_size}
         changed = [f"{k} {sd[k]!r} -> {v!r}" for k, v in layout.items() if sd.get(k) != v]

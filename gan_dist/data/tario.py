@@ -52,8 +52,22 @@ def open_shard(url: str) -> BinaryIO:
     else:
         stream = open(local_path(url), "rb", buffering=_READ_BUFFER)
     if stream.peek(2)[:2] == b"\x1f\x8b":
-        return gzip.GzipFile(fileobj=stream, mode="rb")  # type: ignore[return-value]
+        return _GzipShard(stream)  # type: ignore[return-value]
     return stream
+
+
+class _GzipShard(gzip.GzipFile):
+    """A gzipped shard whose close() also closes the file or pipe underneath."""
+
+    def __init__(self, inner: BinaryIO) -> None:
+        super().__init__(fileobj=inner, mode="rb")
+        self._inner = inner
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._inner.close()
 
 
 class _PipeRaw(io.RawIOBase):
