@@ -90,3 +90,16 @@ def test_evaluate_errors_are_clear(trained, tmp_path):
     assert res.returncode == 2 and "GAN_DIST_INCEPTION_WEIGHTS" in res.stderr and "Traceback" not in res.stderr
     res = run([PYTHON, *EVALUATE, "--ckpt", str(trained), "eval.bogus=1"], timeout=120, cwd=REPO, check=False)
     assert res.returncode == 2 and "eval.bogus" in res.stderr
+
+
+def test_evaluation_does_not_change_training(trained, tmp_path):
+    """Evaluating draws its own latents and restores G exactly: the trained weights are those
+    of a run that never evaluated."""
+    import hashlib
+
+    quiet = tmp_path / "quiet"
+    run([PYTHON, "-m", "gan_dist.train", *TINY, f"run.dir={quiet}", "eval.enabled=false"], timeout=300, cwd=REPO)
+    assert not (quiet / "metrics.jsonl").exists()
+    for name in ("generator.pt", "generator_ema.pt"):
+        assert hashlib.sha256((quiet / name).read_bytes()).digest() == \
+            hashlib.sha256((trained / name).read_bytes()).digest(), name
