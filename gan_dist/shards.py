@@ -60,7 +60,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--format", default="png", choices=("png", "jpg", "raw"),
                    help="png: lossless; jpg: small; raw: uint8 arrays, no decode when reading (default png)")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
-    p.add_argument("--max-count", type=positive, default=10_000, help="samples per shard at most (default 10000)")
+    p.add_argument("--max-count", type=positive, help="samples per shard at most (default 10000; --demo: 16 shards)")
     p.add_argument("--max-size", type=parse_size, default=parse_size("1G"), help="bytes per shard at most (default 1G)")
     p.add_argument("--workers", type=positive, default=max(1, os.cpu_count() or 1),
                    help="processes that decode and encode (default: all cores)")
@@ -102,11 +102,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             if args.channels == 3:
                 raise DataError("--demo images are grayscale: use --channels 1 (a 3-channel model reads them as RGB)")
             write_demo(out, fmt=args.format, resolution=args.resolution, workers=args.workers,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, max_count=args.max_count)
         else:
             opt = WriteOptions(resolution=args.resolution, channels=args.channels or 3, fmt=args.format,
                                quality=args.quality)
-            write_folder(args.src, out, args.name, opt, args.max_count, args.max_size, args.workers,
+            write_folder(args.src, out, args.name, opt, args.max_count or 10_000, args.max_size, args.workers,
                          seed=None if args.no_shuffle else args.seed, progress=not args.no_progress)
     except DataError as exc:
         print(f"gan_dist.shards: error: {exc}", file=sys.stderr)

@@ -169,3 +169,17 @@ def test_demo_shards_hold_the_digits_exactly(tmp_path):
                 assert (scaled - x[i, 0]).abs().max() <= 0.5 / 127.5 + 1e-6
                 seen.add(i)
     assert seen == set(range(1797))
+
+
+def test_cli_demo_as_raw_shards(tmp_path):
+    from gan_dist.data.demo import demo_images
+
+    run([PYTHON, "-m", "gan_dist.shards", "--demo", "--out", str(tmp_path), "--format", "raw", "--max-count", "600",
+         "--workers", "1", "--no-progress"], timeout=120)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert [s["count"] for s in manifest["shards"]] == [600, 600, 597]
+    images, _ = demo_images()
+    for entry in manifest["shards"][:1]:
+        with open_shard(str(tmp_path / entry["name"])) as f:
+            for _, key, members in iter_samples(f):
+                assert np.array_equal(decode_sample(members, 1, 32)[0], images[int(key)])

@@ -71,14 +71,15 @@ def demo_images() -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_demo(out: Path, fmt: str = "png", resolution: int | None = None, workers: int = 1,
-               progress: bool = False, num_shards: int = DEMO_SHARDS) -> dict:
-    """The demo digits as `num_shards` shards (classes mixed across shards) with a manifest."""
+               progress: bool = False, max_count: int | None = None) -> dict:
+    """The demo digits as shards of `max_count` samples (default: DEMO_SHARDS shards; classes
+    mixed across shards) with a manifest, upscaled to `resolution` when given."""
     from gan_dist.data.writer import WriteOptions, iter_jobs_from_arrays, write_shards
 
     images, labels = demo_images()
     order = np.random.default_rng(0).permutation(len(images))  # mix classes across shards
     jobs = list(iter_jobs_from_arrays(images, labels, order))
     return write_shards(jobs, out, "digits", WriteOptions(resolution=resolution or 32, channels=1, fmt=fmt),
-                        max_count=math.ceil(len(jobs) / num_shards), max_size=1 << 40, workers=workers,
+                        max_count=max_count or math.ceil(len(jobs) / DEMO_SHARDS), max_size=1 << 40, workers=workers,
                         key_width=6, progress=progress, report=lambda m: None,
                         classes=[str(i) for i in range(10)], source="sklearn.datasets.load_digits")

@@ -307,10 +307,11 @@ def write_shards(jobs: Sequence[Job], out: str | Path, name: str, opt: WriteOpti
     return json.loads(path.read_text())
 
 
-def write_folder(src: str | Path, out: str | Path, name: Optional[str] = None, opt: WriteOptions = WriteOptions(),
+def write_folder(src: str | Path, out: str | Path, name: Optional[str] = None, opt: Optional[WriteOptions] = None,
                  max_count: int = 10_000, max_size: int = 1 << 30, workers: int = 1, seed: Optional[int] = 0,
                  progress: bool = True) -> dict[str, Any]:
     """A folder tree of images -> shards. `seed` shuffles the order (None keeps path order)."""
+    opt = opt or WriteOptions()
     files, classes = find_images(src)
     if not files:
         raise DataError(f"--src {str(src)!r} holds no images ({', '.join(SOURCE_EXTS)})")
