@@ -454,6 +454,7 @@ class LocalSlurm:
             "SchedulerType=sched/backfill",
             "SchedulerParameters=batch_sched_delay=0,sched_interval=2,bf_interval=2",
             "MpiDefault=none",
+            "EnforcePartLimits=ALL",  # a request the partition can never satisfy is refused at submission
             "MailProg=/bin/true",
             "SlurmdParameters=config_overrides",
             "ReturnToService=2",

@@ -29,7 +29,11 @@ set -uo pipefail
 REPO="${GAN_DIST_REPO:-${SLURM_SUBMIT_DIR:-$(pwd)}}"
 PYTHON="${PYTHON:-python3}"
 EXIT_RETRY=75   # gan_dist.train's code for "checkpoint written, run me again"
-cd "$REPO" || { echo "slurm.sh: cannot enter $REPO" >&2; exit 1; }
+SUBMIT_DIR="${SLURM_SUBMIT_DIR:-$(pwd)}"
+# Relative paths (--config, data.urls, run.dir) mean the directory the job was submitted from.
+cd "$SUBMIT_DIR" || { echo "slurm.sh: cannot enter $SUBMIT_DIR" >&2; exit 1; }
+[ -f "$REPO/gan_dist/train.py" ] || { echo "slurm.sh: no gan_dist checkout at $REPO (set GAN_DIST_REPO)" >&2; exit 1; }
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 
 log() { echo "[slurm.sh $(date +%H:%M:%S) job ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0}] $*" >&2; }
 
@@ -42,7 +46,7 @@ fi
 # A stable run directory across requeues, unless the user chose one.
 ARGS=("$@")
 if ! printf '%s\n' "$@" | grep -q '^run\.dir='; then
-  ARGS+=("run.dir=runs/slurm-${SLURM_JOB_ID}")
+  ARGS+=("run.dir=$SUBMIT_DIR/runs/slurm-${SLURM_JOB_ID}")
 fi
 
 NNODES="${SLURM_JOB_NUM_NODES:-1}"

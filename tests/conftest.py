@@ -15,4 +15,4 @@ def _isolated_cache(tmp_path_factory):
 
 TINY = ["model.ngf=8", "model.ndf=8", "model.nz=16", "train.batch_size=8", "train.steps=4",
         "data.num_workers=1", "train.precision=fp32", "run.threads=1", "train.log_every=2",
-        "data.shuffle_buffer=50"]
+        "data.shuffle_buffer=50", "eval.enabled=false"]

@@ -316,6 +316,19 @@ class _Passes:
         return sum(1 for _ in self.it)
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave SIGTERM/SIGUSR1/SIGINT to the training process.
+
+    SLURM (preemption, `scancel --signal`) and Ctrl-C signal every process of a job; a worker
+    killed by them would make the training process fail before it can write its checkpoint.
+    The workers still exit when the training process stops them or dies.
+    """
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class _SlotDataset(IterableDataset):
     """What each DataLoader worker iterates: the slot it plays on this (re)start."""
 
@@ -364,6 +377,7 @@ class ShardLoader:
             persistent_workers=workers > 0, prefetch_factor=self.prefetch_factor if workers > 0 else None,
             # the loader's own seed draw must not advance the training RNG
             generator=torch.Generator().manual_seed(self.spec.seed),
+            worker_init_fn=_ignore_stop_signals,
             multiprocessing_context="fork" if workers > 0 and os.name == "posix" else None)
         self._it = iter(self._loader)
 
