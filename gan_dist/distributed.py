@@ -75,7 +75,8 @@ def detect_launcher(env: Optional[dict] = None) -> dict[str, Any]:
                     node_rank=get("SLURM_NODEID", 0),
                     master_addr=env.get("MASTER_ADDR"),
                     master_port=env.get("MASTER_PORT", str(20000 + job % 20000)))
-    return dict(launcher="python", rank=0, world_size=1, local_rank=0, local_world_size=1,
+    single = "accelerate" if "ACCELERATE_MIXED_PRECISION" in env else "python"
+    return dict(launcher=single, rank=0, world_size=1, local_rank=0, local_world_size=1,
                 node_rank=0, master_addr=None, master_port=None)
 
 
