@@ -79,15 +79,28 @@ def local_slice(full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return full
 
 
-def _reshard(module: nn.Module) -> None:
-    """Drop gathered FSDP2 parameters so that the next forward gathers the (swapped) shards."""
+@contextlib.contextmanager
+def _shards_written(module: nn.Module) -> Iterator[None]:
+    """Around writes into the local shards: no gathered copy of the old values may outlive them.
+
+    FSDP2 keeps gathered parameters after a forward without backward (reshard_after_forward
+    off, or the root module): they are dropped, and the next forward gathers the new shards.
+    ZeRO-3 keeps small ("persistent") parameters gathered: they are dropped and gathered again.
+    """
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # pragma: no cover
-        return
+        FSDPModule = ()  # noqa: N806
     for m in module.modules():
         if isinstance(m, FSDPModule):
             m.reshard()
+    gathered = [p for p in module.parameters() if getattr(p, "ds_tensor", None) is not None
+                and getattr(getattr(p, "ds_status", None), "name", "") == "AVAILABLE"]
+    if gathered:  # collective, like everything around it: every rank holds the same set
+        gathered[0].partition(param_list=gathered, has_been_updated=False)
+    yield
+    if gathered:
+        gathered[0].all_gather(param_list=gathered)
 
 
 class EMA:
@@ -143,8 +156,7 @@ class EMA:
     def swapped(self) -> Iterator[nn.Module]:
         """The live module holds the EMA weights inside the block, its own weights again after."""
         module = self.module
-        with torch.no_grad():
-            _reshard(module)
+        with torch.no_grad(), _shards_written(module):
             locals_ = self._locals()
             backup = [t.detach().clone() for t in locals_]
             for t, s in zip(locals_, self.shadow):
@@ -152,8 +164,7 @@ class EMA:
         try:
             yield module
         finally:
-            with torch.no_grad():
-                _reshard(module)
+            with torch.no_grad(), _shards_written(module):
                 for t, b in zip(locals_, backup):
                     t.copy_(b)
 

@@ -167,41 +167,69 @@ def check_against_one_process(r0: dict, half_life: float, rampup) -> None:
         assert torch.equal(v, r0["after"][k]), f"{k}: training weights not restored after swapped()"
         if k not in names:  # buffers: the live generator's, in the export too
             assert torch.equal(r0["exported"][k], v), k
+    # inside swapped(), the strategy's sampling module makes the exported EMA generator's images
+    G, _ = build_models(load_config(None, TINY_MODEL).model, seed=0)
+    G.load_state_dict(r0["exported"])
+    with torch.no_grad():
+        expected_images = G.eval()(r0["z"])
+    torch.testing.assert_close(r0["images"], expected_images, rtol=1e-4, atol=1e-5)
     # the average really differs from the last weights (a non-trivial test)
     assert any(not torch.equal(r0["exported"][n], history[-1][n]) for n in names)
 
 
+def has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
 @pytest.mark.multiproc
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("rampup", [None, 0.5])
-def test_ddp_ema_equals_one_process_ema_on_the_same_weights(tmp_path, rampup):
-    args = ["--strategy", "ddp", "--steps", "4", "--half-life-kimg", "0.05"]
-    if rampup is not None:
-        args += ["--rampup", str(rampup)]
-    r0, r1 = job(tmp_path, 2, "ddp", *args)
+def test_ddp_ema_with_rampup_equals_one_process_ema(tmp_path):
+    r0, r1 = job(tmp_path, 2, "ddp", "--strategy", "ddp", "--steps", "4", "--half-life-kimg", "0.05",
+                 "--rampup", "0.5")
     assert r0["strategy"] == "ddp" and not r0["sharded"]
-    # every rank holds the same average, bit for bit
     for a, b in zip(r0["shadow"], r1["shadow"]):
         assert torch.equal(a, b)
-    betas = r0["betas"]
-    if rampup is not None:  # the ramp-up shortens the first half-lives: beta grows over the steps
-        assert betas[0] == 0.0 and all(b1 > b0 for b0, b1 in zip(betas[1:], betas[2:]))
-    check_against_one_process(r0, 0.05, rampup)
+    betas = r0["betas"]  # the ramp-up shortens the first half-lives: beta grows over the steps
+    assert betas[0] == 0.0 and all(b1 > b0 for b0, b1 in zip(betas[1:], betas[2:]))
+    check_against_one_process(r0, 0.05, 0.5)
+
+
+STRATEGIES = [
+    pytest.param("ddp", [], id="ddp"),
+    pytest.param("fsdp", [], id="fsdp", marks=pytest.mark.skipif(not has_module("gan_dist.parallel.fsdp"),
+                                                                 reason="no FSDP strategy")),
+    pytest.param("deepspeed", ["--zero-stage", "3"], id="deepspeed-zero3",
+                 marks=pytest.mark.skipif(not has_module("deepspeed"), reason="deepspeed is not installed")),
+]
 
 
 @pytest.mark.multiproc
-@pytest.mark.timeout(300)
-@pytest.mark.skipif(importlib.util.find_spec("gan_dist.parallel.fsdp") is None, reason="no FSDP strategy")
-def test_fsdp_ema_of_local_shards_equals_one_process_ema(tmp_path):
-    r0, r1 = job(tmp_path, 2, "fsdp", "--strategy", "fsdp", "--steps", "4", "--half-life-kimg", "0.05")
-    assert r0["strategy"] == "fsdp" and r0["sharded"]
-    # each rank averages only its shards: together they are every parameter, once
-    params = sum(r0["state"]["params"][n].numel() for n in r0["names"])
-    held = [sum(s.numel() for s in r["shadow"]) for r in (r0, r1)]
-    assert sum(held) == params and max(held) < params
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("strategy,extra", STRATEGIES)
+def test_distributed_ema_equals_one_process_ema_and_sampling_it_leaves_training_unchanged(tmp_path, strategy, extra):
+    common = ["--strategy", strategy, *extra, "--steps", "4", "--half-life-kimg", "0.05"]
+    r0, r1 = job(tmp_path, 2, "swap", *common, "--swap-every-step")
+    assert r0["strategy"] == strategy
+    if r0["sharded"]:
+        # each rank averages only its shards: together they cover every parameter once (plus padding)
+        params = sum(r0["state"]["params"][n].numel() for n in r0["names"])
+        held = [sum(s.numel() for s in r["shadow"]) for r in (r0, r1)]
+        assert params <= sum(held) < params + 2 * len(r0["names"]) and max(held) < params
+        # the full state is on rank 0; the other ranks only contribute their shards
+        assert r1["state"]["params"] is None and r1["exported"] is None
+    else:
+        for a, b in zip(r0["shadow"], r1["shadow"]):  # every rank holds the same average
+            assert torch.equal(a, b)
     check_against_one_process(r0, 0.05, None)
-    # the full state is what rank 0 exports; the other ranks contribute their shards
-    assert r1["state"]["params"] is None and r1["exported"] is None
+    # sampling from the EMA after every step (as evaluations do) changes nothing in training
+    plain = job(tmp_path, 2, "plain", *common)[0]
+    for k, v in plain["before"].items():
+        assert torch.equal(v, r0["before"][k]), k
+    for n in r0["names"]:
+        assert torch.equal(plain["state"]["params"][n], r0["state"]["params"][n]), n
 
 
 def test_ema_state_is_restored_into_shards_from_a_full_state(tmp_path):

@@ -20,6 +20,18 @@ from gan_dist.models import build_models
 from gan_dist.parallel import build_strategy
 
 
+def sample(strategy, ema: EMA, nz: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images of the EMA generator, made on every rank (a sharded forward is collective)."""
+    z = torch.randn(4, nz, generator=torch.Generator().manual_seed(0))
+    with ema.swapped():
+        sampler = strategy.sample_module("G")
+        sampler.eval()
+        with torch.no_grad():
+            images = sampler(z).float()
+        sampler.train()
+    return z, images
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
@@ -28,11 +40,15 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8, help="per rank")
     p.add_argument("--half-life-kimg", type=float, default=0.05)
     p.add_argument("--rampup", type=float, default=None)
+    p.add_argument("--zero-stage", type=int, default=None, help="DeepSpeed ZeRO stage")
+    p.add_argument("--swap-every-step", action="store_true",
+                   help="sample from the EMA after every step (as evaluations during training do)")
     args = p.parse_args()
 
     info = gdist.init_distributed(timeout_s=120)
     cfg = load_config(None, ["train.precision=fp32", "model.norm=batch", "model.ngf=8", "model.ndf=8",
-                             "model.nz=16", f"parallel.strategy={args.strategy}"])
+                             "model.nz=16", f"parallel.strategy={args.strategy}"]
+                      + ([f"parallel.deepspeed.zero_stage={args.zero_stage}"] if args.zero_stage is not None else []))
     strategy = build_strategy(info, cfg)
     G, D = build_models(cfg.model, seed=3)
     strategy.setup(G, D)
@@ -46,6 +62,8 @@ def main() -> None:
         real = torch.rand(args.batch, 1, 32, 32, generator=gen) * 2 - 1
         z = torch.randn(args.batch, cfg.model.nz, generator=gen)
         train_step(strategy, [[(real, z)]])
+        if args.swap_every_step:
+            sample(strategy, ema, cfg.model.nz)
         betas.append(ema.update(nimg, global_batch))
         nimg += global_batch
         history.append(strategy.full_state_dict("G"))  # collective; None except on rank 0
@@ -54,13 +72,14 @@ def main() -> None:
     before = strategy.full_state_dict("G")
     with ema.swapped():
         inside = strategy.full_state_dict("G")
+    z, images = sample(strategy, ema, cfg.model.nz)
     after = strategy.full_state_dict("G")
     out = {
         "rank": info.rank, "world_size": info.world_size, "strategy": strategy.name,
         "names": ema.names, "betas": betas, "global_batch": global_batch,
         "shadow": [s.clone() for s in ema.shadow], "sharded": ema.sharded,
         "state": ema.state_dict(), "exported": ema.full_state_dict(),
-        "history": history, "before": before, "inside": inside, "after": after,
+        "history": history, "before": before, "inside": inside, "after": after, "z": z, "images": images,
     }
     torch.save(out, args.out)
     strategy.close()
