@@ -17,8 +17,8 @@ EVALUATE = ["-m", "gan_dist.evaluate"]
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("eval") / "run"
-    run([PYTHON, "-m", "gan_dist.train", *TINY, f"run.dir={run_dir}", "eval.every=2", "eval.num_samples=64",
-         "eval.batch_size=20", "eval.kid_subsets=5"], timeout=300, cwd=REPO)
+    run([PYTHON, "-m", "gan_dist.train", *TINY, f"run.dir={run_dir}", "eval.enabled=true", "eval.every=2",
+         "eval.num_samples=64", "eval.batch_size=20", "eval.kid_subsets=5"], timeout=300, cwd=REPO)
     return run_dir
 
 

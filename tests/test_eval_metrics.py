@@ -85,8 +85,8 @@ def test_missing_inception_weights_stop_training_before_it_starts(no_inception):
 
     env = base_env(TORCH_HOME=str(no_inception / "torch_home"))
     env.pop(INCEPTION_ENV, None)
-    res = run([PYTHON, "-m", "gan_dist.train", *TINY, f"run.dir={no_inception / 'run'}", "eval.extractor=inception",
-               "data.num_workers=0"], timeout=120, env=env, cwd=REPO, check=False)
+    res = run([PYTHON, "-m", "gan_dist.train", *TINY, f"run.dir={no_inception / 'run'}", "eval.enabled=true",
+               "eval.extractor=inception", "data.num_workers=0"], timeout=120, env=env, cwd=REPO, check=False)
     assert res.returncode == 2
     assert "eval.inception_weights" in res.stderr and INCEPTION_ENV in res.stderr
     assert "Traceback" not in res.stderr
