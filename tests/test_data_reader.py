@@ -164,20 +164,13 @@ def test_same_seed_same_stream_other_seed_other_stream(uneven):
     assert [x.keys for x in a] != [x.keys for x in c]
 
 
-def test_scaling_on_the_device_equals_scaling_in_the_worker(uneven):
-    """A GPU gets uint8 batches and scales them itself: the same numbers as the CPU path."""
-    import dataclasses
-
+def test_batches_cross_processes_as_uint8_and_arrive_scaled(uneven):
     root, _, _ = uneven
-    cpu = make_loader(str(root), workers=1, flip=True)
-    dev = make_loader(str(root), workers=1, flip=True)
-    dev.spec = dataclasses.replace(dev.spec, to_float=False)
-    a, b = take(cpu, 4), take(dev, 4)
-    same_batches(a, b)
-    assert a[0].images.dtype == b[0].images.dtype == torch.float32
-    assert next(cpu._it)["images"].dtype == torch.float32 and next(dev._it)["images"].dtype == torch.uint8
-    cpu.close()
-    dev.close()
+    loader = make_loader(str(root), workers=1)
+    batch = loader.next_batch()
+    assert batch.images.dtype == torch.float32 and -1 <= batch.images.min() and batch.images.max() <= 1
+    assert next(loader._it)["images"].dtype == torch.uint8  # what the worker sent
+    loader.close()
 
 
 @pytest.fixture(scope="module")

@@ -3,10 +3,10 @@
 Each rank runs a torch DataLoader whose workers are "reader slots" (see plan.py for who
 reads what). A slot reads its tar sample ranges, shuffles the undecoded samples in a buffer,
 decodes them to uint8 images (optionally mirrored), and hands over whole batches together
-with its position and its counts of bad data. Batches reach the training loop as float
-tensors in [-1, 1]: scaled in the worker when training runs on the CPU (the training process
-does no per-pixel work), or copied as uint8 and scaled on the GPU (a quarter of the bytes
-through shared and pinned memory and over PCIe).
+with its position and its counts of bad data. The batches cross to the training process as
+uint8 and become float tensors in [-1, 1] on the device: a quarter of the bytes through
+shared and pinned memory and over PCIe. (Scaling in the workers and sending floats was
+30-40% slower end to end for raw shards on a 2-core CPU, benchmarks/data_throughput.py.)
 
 The stream never ends: the trainer takes a fixed number of batches, so ranks never wait for
 each other's data. Everything a slot does is a function of (run.seed, epoch, rank, worker,
@@ -59,7 +59,6 @@ class ReaderSpec:
     resolution: int
     shuffle_buffer: int
     flip: bool
-    to_float: bool = True  # scale to [-1, 1] in the worker (CPU training); else on the device
 
     @property
     def slots(self) -> int:
@@ -186,10 +185,7 @@ class SlotReader:
 
     def _batch(self, imgs: list[np.ndarray], keys: list[str], pads: list[bool],
                state: tuple[int, int, int]) -> dict[str, Any]:
-        images = torch.from_numpy(np.stack(imgs))
-        if self.spec.to_float:
-            images = to_unit_range(images)
-        return {"images": images, "keys": keys, "padded": torch.tensor(pads, dtype=torch.bool),
+        return {"images": torch.from_numpy(np.stack(imgs)), "keys": keys, "padded": torch.tensor(pads, dtype=torch.bool),
                 "worker": self.worker, "state": list(state), "tally": self.tally.take()}
 
     # ---- epoch mode -------------------------------------------------------------------------
@@ -396,9 +392,7 @@ class ShardLoader:
         self.worker_states[worker] = raw["state"]
         self.batches += 1
         self.stats_.add(raw["tally"])
-        images = raw["images"].to(self.device, non_blocking=True)
-        if images.dtype == torch.uint8:
-            images = to_unit_range(images)
+        images = to_unit_range(raw["images"].to(self.device, non_blocking=True))
         self.wait_s += time.perf_counter() - started
         return Batch(images, raw["keys"], raw["padded"])
 
@@ -537,8 +531,7 @@ def build_loader(shards: ShardSet, data_cfg: Any, channels: int, resolution: int
     spec = ReaderSpec(urls=tuple(shards.urls), counts=counts, mode=data_cfg.mode,
                       remainder=data_cfg.epoch_remainder, seed=seed, rank=rank, world_size=world_size,
                       workers=workers, batch_size=batch_size, channels=channels, resolution=resolution,
-                      shuffle_buffer=data_cfg.shuffle_buffer, flip=data_cfg.flip,
-                      to_float=device.type == "cpu")
+                      shuffle_buffer=data_cfg.shuffle_buffer, flip=data_cfg.flip)
     if data_cfg.mode == "epoch" and rank == 0:
         per_epoch = spec.batches_per_epoch * batch_size * spec.slots
         diff = per_epoch - sum(counts)  # type: ignore[arg-type]
