@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -66,12 +67,14 @@ def _checkpoint_state(ckpt: Path, ema: Optional[bool]) -> tuple[dict, bool, str]
     from gan_dist.parallel.base import MODELS_FILE
 
     trainer = _load(ckpt / "trainer.pt") if (ckpt / "trainer.pt").is_file() else {}
-    if (ckpt / MODELS_FILE).is_file():
+    if (ckpt / "generator.pt").is_file():  # G's full weights, whatever the strategy
+        state = dict(_load(ckpt / "generator.pt"))
+    elif (ckpt / MODELS_FILE).is_file():
         state = dict(_load(ckpt / MODELS_FILE)["models"]["G"])
     elif (ckpt / "fsdp").is_dir():
         state = _fsdp_generator_state(ckpt / "fsdp", trainer)
     else:
-        raise GeneratorSourceError(f"checkpoint {str(ckpt)!r} holds neither {MODELS_FILE} nor fsdp/: written by "
+        raise GeneratorSourceError(f"checkpoint {str(ckpt)!r} holds no generator.pt, {MODELS_FILE} or fsdp/: written by "
                                    f"parallel.strategy={trainer.get('strategy')!r}, which this command cannot read; "
                                    "finish or resume the run to get generator.pt")
     ema_params = ((trainer.get("ema") or {}).get("params")) if isinstance(trainer, dict) else None
@@ -93,7 +96,9 @@ def _fsdp_generator_state(dcp_dir: Path, trainer: dict) -> dict:
     cfg = load_config(dcp_dir.parent / "config.yaml")
     template = build_generator(cfg.model).state_dict()
     wanted = {"G": {"model": template}}
-    dcp.load(wanted, checkpoint_id=str(dcp_dir), no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(wanted, checkpoint_id=str(dcp_dir), no_dist=True)
     return wanted["G"]["model"]
 
 
@@ -107,7 +112,8 @@ def resolve_source(ckpt: str, ema: Optional[bool]) -> tuple[Path, dict, bool, st
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise GeneratorSourceError(f"--ckpt {ckpt!r} is not a generator state_dict (generator.pt)")
         return _config_near(path), state, "ema" in path.stem, str(path), _run_step(path.parent)
-    if (path / "generator.pt").is_file() or (path / "generator_ema.pt").is_file():
+    if not (path / "trainer.pt").is_file() and ((path / "generator.pt").is_file()
+                                                or (path / "generator_ema.pt").is_file()):
         has_ema = (path / "generator_ema.pt").is_file()
         if ema is True and not has_ema:
             raise GeneratorSourceError(f"--ema: {ckpt!r} has no generator_ema.pt (trained with ema.enabled=false)")

@@ -95,3 +95,19 @@ def test_bad_ckpt_is_a_clear_error(tmp_path, ckpt, message):
     res = run([PYTHON, *GENERATE, "--ckpt", ckpt, "--n", "2", "--out", str(tmp_path / "x.png")],
               timeout=120, cwd=REPO, check=False)
     assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
+
+
+def test_generate_from_an_fsdp_checkpoint(tmp_path):
+    """FSDP's checkpoint: the exported generator.pt, or (without it) the DCP shards, plus trainer.pt's EMA."""
+    run_dir = tmp_path / "fsdp"
+    run([PYTHON, "-m", "gan_dist.train", *TINY, "train.steps=2", "parallel.strategy=fsdp", f"run.dir={run_dir}"],
+        timeout=240, cwd=REPO)
+    ckpt = sorted((run_dir / "checkpoints").glob("step*"))[-1]
+    assert (ckpt / "fsdp").is_dir()
+    generate("--ckpt", str(run_dir), "--n", "3", "--out", str(tmp_path / "run"))
+    generate("--ckpt", str(ckpt), "--n", "3", "--out", str(tmp_path / "ckpt"))
+    (ckpt / "generator.pt").unlink(missing_ok=True)  # only the sharded state is left
+    out = generate("--ckpt", str(ckpt), "--n", "3", "--out", str(tmp_path / "dcp"))
+    assert out["ema"] is True
+    a, b, c = pngs(tmp_path / "run"), pngs(tmp_path / "ckpt"), pngs(tmp_path / "dcp")
+    assert len(a) == 3 and all(np.array_equal(a[n], b[n]) and np.array_equal(a[n], c[n]) for n in a)
