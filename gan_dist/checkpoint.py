@@ -7,6 +7,7 @@ A checkpoint is a directory under the checkpoint root (`train.ckpt_dir`, by defa
         models.pt          G, D, both optimizers and loss scalers (the strategy writes what it
                            owns here: rank 0 alone for none/DDP, shards for sharded strategies)
         trainer.pt         step, images seen, resolved config, non-finite counters, EMA
+        generator.pt       G's full state_dict, usable without the strategy (e.g. after FSDP)
         rank00000.pt ...   per rank: torch/numpy/python/CUDA RNG states, the noise generator,
                            the data reader's position
         config.yaml        the resolved config, for people
@@ -350,8 +351,12 @@ class Checkpointer:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
     # ---- saving ---------------------------------------------------------------------------
-    def save(self, step: int, strategy: Any, trainer_state: dict, rank_state: dict, config_text: str) -> Path:
-        """Write checkpoint `step`; on any rank's failure, no trace of it and a CheckpointError everywhere."""
+    def save(self, step: int, strategy: Any, trainer_state: dict, rank_state: dict, config_text: str,
+             exports: Optional[dict[str, Any]] = None) -> Path:
+        """Write checkpoint `step`; on any rank's failure, no trace of it and a CheckpointError everywhere.
+
+        `exports` (rank 0's): more files for rank 0 to write, e.g. {"generator.pt": G's full state}.
+        """
         name = step_dir_name(step)
         final = self.root / name
         tmp = None
@@ -365,7 +370,7 @@ class Checkpointer:
             _, error = _try(lambda: strategy.save_checkpoint(tmp))
             error = agree(error)
         if not error:
-            _, error = _try(lambda: self._write_own_files(tmp, trainer_state, rank_state, config_text))
+            _, error = _try(lambda: self._write_own_files(tmp, trainer_state, rank_state, config_text, exports))
             error = agree(error)
         digests: dict[str, Any] = {}
         if not error:
@@ -391,11 +396,14 @@ class Checkpointer:
         tmp.mkdir(parents=True)
         return tmp
 
-    def _write_own_files(self, tmp: Path, trainer_state: dict, rank_state: dict, config_text: str) -> None:
+    def _write_own_files(self, tmp: Path, trainer_state: dict, rank_state: dict, config_text: str,
+                         exports: Optional[dict[str, Any]]) -> None:
         save_file(rank_state, tmp / rank_file_name(self.info.rank))
         if self.info.is_main:
             save_file(trainer_state, tmp / TRAINER_FILE)
             write_text_durably(tmp / "config.yaml", config_text)
+            for name, obj in (exports or {}).items():
+                save_file(obj, tmp / name)
 
     def _digest_share(self, tmp: Path, names: list[str]) -> dict[str, dict]:
         r, w = self.info.rank, self.info.world_size

@@ -124,6 +124,8 @@ class Trainer:
                 if self.ema is not None:
                     self.ema.update(self.images_seen - self.images_per_step, self.images_per_step)
                 last = self.step == t.steps
+                if last:  # before the end-of-run evaluation: a failure there loses no training
+                    self.save_checkpoint()
                 if self.step % t.log_every == 0 or last or self.step == 1:
                     self.log(stats, meter.tick(self.images_seen))
                     self.logger.scalars(self.step, self.guard.scalars())
@@ -190,7 +192,8 @@ class Trainer:
             "batches_drawn": self.step * t.d_steps * t.grad_accum,
             "skipped_updates": dict(self.strategy.skipped_updates),  # as this rank counted them
         }
-        path = self.ckpt.save(self.step, self.strategy, trainer_state, rank_state, to_yaml(self.cfg))
+        exports = {"generator.pt": self.strategy.full_state_dict("G")}  # collective; rank 0's is full
+        path = self.ckpt.save(self.step, self.strategy, trainer_state, rank_state, to_yaml(self.cfg), exports)
         self.last_saved_step = self.step
         return path
 

@@ -10,10 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from gan_dist.checkpoint import verify
 from gan_dist.faults import EXIT_RETRY
-from tests._ckpt import BIN, TRAIN, Ranks, children, kill_tree, latest, sha, step_of, train, train_cmd
+from tests._ckpt import (BIN, TRAIN, Ranks, assert_tensors_equal, children, kill_tree, latest, sha, step_of,
+                         train, train_cmd)
 from tests._mp import REPO, base_env, free_port
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.timeout(600)]
@@ -23,6 +25,11 @@ EVERY = ["train.ckpt_every=5"]
 
 def run_info(run_dir: Path) -> dict:
     return json.loads((run_dir / "run_info.json").read_text())
+
+
+def same_generator(a: Path, b: Path) -> None:
+    """Equal tensors (the bytes of two torch.save files also depend on the file's name)."""
+    assert_tensors_equal(torch.load(a, weights_only=True), torch.load(b, weights_only=True), a.name)
 
 
 def ddp_run(run_dir: Path, *extra: str, timeout: float = 300) -> Ranks:
@@ -52,6 +59,7 @@ def test_more_steps_continue_the_run_exactly_one_process(tmp_path, uninterrupted
     assert "resumed from" in r.stderr and "at step 23" in r.stderr
     assert run_info(run_dir)["steps"] == TOTAL
     assert sha(run_dir / "generator.pt") == uninterrupted[1]
+    same_generator(latest(run_dir) / "generator.pt", run_dir / "generator.pt")  # every checkpoint exports G
 
 
 def test_sigterm_saves_exits_with_the_retry_code_and_resumes_exactly(tmp_path, uninterrupted):
@@ -144,3 +152,5 @@ def test_sharded_strategies_resume_exactly(tmp_path, strategy):
     resumed = ddp_run(tmp_path / "split", "train.steps=20", *args)
     assert "at step 12" in resumed.stderr(0)
     assert sha(tmp_path / "split" / "generator.pt") == sha(tmp_path / "whole" / "generator.pt")
+    # the checkpoint's full generator.pt, gathered from the shards, is the run's generator
+    same_generator(latest(tmp_path / "split") / "generator.pt", tmp_path / "whole" / "generator.pt")
