@@ -34,6 +34,7 @@ INSTALL_HINT = 'pip install "gan_dist[deepspeed]"'
 CHECKPOINT_DIR = "deepspeed"  # inside a checkpoint: deepspeed/G/, deepspeed/D/
 CHECKPOINT_TAG = "state"
 AUTO = "auto"
+BUCKET = 6_250_000  # elements per reduce / all-gather bucket (25 MB in fp32, as DDP's)
 
 
 def import_deepspeed() -> Any:
@@ -57,7 +58,10 @@ def default_config(zero_stage: int = 2) -> dict:
         "gradient_accumulation_steps": AUTO,
         "train_batch_size": AUTO,
         "gradient_clipping": AUTO,
-        "zero_optimization": {"stage": zero_stage},
+        # buckets about the size of DDP's (25 MB of fp32): DeepSpeed's defaults (5e8 elements)
+        # allocate 2 GB per engine, more than a whole GAN
+        "zero_optimization": {"stage": zero_stage, "reduce_bucket_size": BUCKET, "allgather_bucket_size": BUCKET,
+                              "stage3_prefetch_bucket_size": BUCKET},
         "bf16": {"enabled": AUTO},
         # dynamic loss scaling: loss_scale 0 means "start at 2**initial_scale_power and adapt"
         "fp16": {"enabled": AUTO, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
@@ -190,11 +194,9 @@ class DeepSpeedStrategy(Strategy):
             user, source = load_json(ds_cfg.config), f"parallel.deepspeed.config={ds_cfg.config}"
         ensure_process_group(self.device)
         import torch.distributed as dist
-        # DeepSpeed reads the rank layout from the environment, which srun and a plain
-        # `python` run do not set; the process group is already up, so tell it what it is
-        for key, value in (("LOCAL_RANK", info.local_rank), ("RANK", dist.get_rank()),
-                           ("WORLD_SIZE", dist.get_world_size()), ("LOCAL_SIZE", info.local_world_size)):
-            os.environ.setdefault(key, str(value))
+        # DeepSpeed insists on LOCAL_RANK in the environment, which srun and a plain `python`
+        # run do not set; everything else it takes from the process group, already up
+        os.environ.setdefault("LOCAL_RANK", str(info.local_rank))
         self.config = resolve_config(user, train_cfg, ds_cfg, dist.get_world_size(), self.device.type, source)
         self.zero_stage = self.config["zero_optimization"]["stage"]
         self.compute_dtype = self.precision.dtype
@@ -279,23 +281,20 @@ class DeepSpeedStrategy(Strategy):
         broadcast_buffers(list(self.raw.values()))
 
     def full_state_dict(self, name: str) -> Optional[dict[str, torch.Tensor]]:
-        """fp32 weights (the optimizer's master copy when training in bf16/fp16). Collective."""
-        from deepspeed.utils import safe_get_full_fp32_param
+        """The module's weights, whole, as fp32 on rank 0 (None elsewhere). Collective.
 
+        These are the weights the forward runs with (under bf16/fp16 the optimizer's fp32
+        master copy is finer), so the export samples exactly as training did, and weights
+        swapped into the module (the EMA of G) are what is exported.
+        """
         module = self.raw[name]
-        values: dict[str, torch.Tensor] = {}
-        for key, p in module.named_parameters():
-            full = safe_get_full_fp32_param(p)  # gathers the shards; None without ZeRO partitioning
-            values[key] = (p if full is None else full).detach()
-        for key, b in module.named_buffers():
-            values[key] = b.detach()
-        if not self.info.is_main:
-            return None
-        out = {}
-        for key in module.state_dict():
-            v = values[key]
-            out[key] = (v.float() if v.is_floating_point() else v).cpu().clone()
-        return out
+        gathered = (self.ds.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+                    if self.zero_stage == 3 else contextlib.nullcontext())
+        with gathered:
+            if not self.info.is_main:
+                return None
+            return {k: (v.float() if v.is_floating_point() else v).detach().cpu().clone()
+                    for k, v in module.state_dict().items()}
 
     def sample_module(self, name: str = "G") -> nn.Module:
         # the bare module: no engine hooks; under ZeRO-3 its forward gathers, so all ranks call it
