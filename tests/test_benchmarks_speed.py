@@ -59,9 +59,20 @@ def test_adam_is_fused_on_cpu_and_matches_foreach(eager):
 
 
 def test_channels_last_same_updates(eager):
+    def conv_inputs_nhwc(strategy) -> list[bool]:
+        seen: list[bool] = []
+        for n in NAMES:
+            for m in strategy.raw[n].modules():
+                if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+                    assert m.weight.is_contiguous()  # parameters stay shardable
+                    m.register_forward_pre_hook(lambda mod, args: seen.append(
+                        args[0].is_contiguous(memory_format=torch.channels_last)))
+        strategy.raw["D"](strategy.raw["G"](torch.randn(2, 8)))
+        return seen
+
     strategy, state = train(["train.channels_last=true"])
-    conv = strategy.raw["D"].blocks[1][0].weight
-    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert conv_inputs_nhwc(strategy) == [True] * 8
+    assert not all(conv_inputs_nhwc(train([], steps=0)[0]))  # NCHW without the setting
     assert_same_updates(eager, state)
 
 

@@ -54,6 +54,26 @@ def fused_adam_supported(params: list[torch.Tensor]) -> bool:
     return bool(params) and all(p.is_floating_point() and p.device.type in devices for p in params)
 
 
+def channels_last_activations(module: nn.Module) -> None:
+    """Run the 2-D convolutions of `module` on channels_last (NHWC) activations.
+
+    Each convolution's input is made NHWC; oneDNN and cuDNN then choose their NHWC kernels and
+    the outputs stay NHWC through normalisation and activations. The parameters keep their
+    layout: FSDP2 and ZeRO shard and flatten contiguous parameters only, and the kernels
+    reorder weights for themselves anyway.
+    """
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            m.register_forward_pre_hook(_channels_last_input)
+
+
+def _channels_last_input(module: nn.Module, args: tuple) -> Optional[tuple]:
+    x = args[0] if args else None
+    if isinstance(x, torch.Tensor) and x.dim() == 4 and not x.is_contiguous(memory_format=torch.channels_last):
+        return (x.contiguous(memory_format=torch.channels_last), *args[1:])
+    return None
+
+
 @contextlib.contextmanager
 def frozen(module: nn.Module) -> Iterator[None]:
     """Parameters of `module` stop requiring grad for the duration (no grads are computed)."""
@@ -87,17 +107,22 @@ class Strategy:
     # ---- building -------------------------------------------------------------------------
     def setup(self, G: nn.Module, D: nn.Module) -> None:
         """Move to the device, wrap, and build the optimizers (after wrapping: FSDP shards)."""
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN picks its fastest kernels once
         for name, module in (("G", G), ("D", D)):
-            module = module.to(self.device)
-            if self.train_cfg.channels_last:
-                module = module.to(memory_format=torch.channels_last)
-            if self.train_cfg.compile:
-                self.compile_module(module, name)
+            module = self.prepare_module(module, name)
             self.raw[name] = module
             self.wrapped[name] = self.wrap(module, name)
             self.optimizers[name] = self.make_optimizer(self.wrapped[name], name)
+
+    def prepare_module(self, module: nn.Module, name: str) -> nn.Module:
+        """On the device, with the speed settings of train.channels_last and train.compile."""
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN picks its fastest kernels once
+        module = module.to(self.device)
+        if self.train_cfg.channels_last:
+            channels_last_activations(module)
+        if self.train_cfg.compile:
+            self.compile_module(module, name)
+        return module
 
     def compile_module(self, module: nn.Module, name: str) -> None:
         """torch.compile of the forward, in place: the module stays the same object, so its

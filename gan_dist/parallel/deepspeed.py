@@ -208,9 +208,7 @@ class DeepSpeedStrategy(Strategy):
     # ---- building -------------------------------------------------------------------------
     def setup(self, G: nn.Module, D: nn.Module) -> None:
         for name, module in (("G", G), ("D", D)):
-            module = module.to(self.device)
-            if self.train_cfg.channels_last:
-                module = module.to(memory_format=torch.channels_last)
+            module = self.prepare_module(module, name)
             optimizer = self.make_optimizer(module, name)
             engine, ds_optimizer, _, _ = self.ds.initialize(model=module, optimizer=optimizer,
                                                             config=copy.deepcopy(self.config),
