@@ -105,6 +105,18 @@ def _octal(field: bytes, what: str) -> int:
         raise TarError(f"bad {what} field in tar header") from None
 
 
+_numbers: dict[bytes, int] = {}  # size fields repeat (same-sized members): parse each once
+
+
+def _size(field: bytes) -> int:
+    n = _numbers.get(field)
+    if n is None:
+        n = _octal(field, "size")
+        if len(_numbers) < 4096:
+            _numbers[field] = n
+    return n
+
+
 def _checksum_ok(header: bytes) -> bool:
     """The header's byte sum (with its checksum field read as spaces) against the stored one.
 
@@ -154,13 +166,11 @@ def iter_members(stream: BinaryIO, want: Callable[[str], bool] = lambda name: Tr
             return
         if not _checksum_ok(header):
             raise TarError("tar header checksum mismatch (corrupt or not a tar file)")
-        length = _octal(header[124:136], "size")
+        length = _size(header[124:136])
         kind = header[156:157]
         name_field = header[0:100].split(b"\0", 1)[0]
-        if header[257:262] == b"ustar":
-            prefix = header[345:500].split(b"\0", 1)[0]
-            if prefix:
-                name_field = prefix + b"/" + name_field
+        if header[345] and header[257:262] == b"ustar":  # a ustar name prefix
+            name_field = header[345:500].split(b"\0", 1)[0] + b"/" + name_field
         if kind in (b"L", b"x", b"g"):
             meta = read(length)
             if len(meta) < length:
@@ -180,11 +190,10 @@ def iter_members(stream: BinaryIO, want: Callable[[str], bool] = lambda name: Tr
             _skip(stream, padded, seekable, size)
             continue
         if want(name):
-            data = read(length)
+            data = read(padded)  # with the padding: one call instead of a read and a seek
             if len(data) < length:
                 raise TarError(f"archive ends inside member {name!r} (truncated)")
-            _skip(stream, padded - length, seekable, size)
-            yield name, data
+            yield name, data if padded == length else data[:length]
         else:
             _skip(stream, padded, seekable, size)
             yield name, None
