@@ -158,3 +158,18 @@ def test_sharded_checkpoint_resumes_exactly(tmp_path, strategy):
         assert {"__0_0.distcp", "__1_0.distcp"} <= set(files)
     else:
         assert any("optim_states" in f and "rank_1" in f for f in files), files
+
+
+@pytest.mark.parametrize("strategy", [("fsdp",), ("deepspeed", "--zero-stage", "2")], ids=["fsdp", "zero2"])
+def test_fp16_with_dynamic_loss_scale_trains_and_ranks_agree(tmp_path, strategy):
+    """The scale starts at 2**16, backs off on overflowing updates (skipped on every rank alike)
+    and the remaining updates train."""
+    iters = 8
+    r0, r1 = job(tmp_path, "fp16", "--strategy", *strategy, "--precision", "fp16", "--optim", "adam",
+                 "--norm", "batch", "--iters", str(iters), "--global-batch", "8")
+    for model in ("G", "D"):
+        assert r0["loss_scale"][model] == r1["loss_scale"][model] < 2.0 ** 16, (r0["loss_scale"], r1["loss_scale"])
+        assert r0["skipped"][model] == r1["skipped"][model] < iters, r0["skipped"]
+        assert all(torch.isfinite(v).all() for v in r0[model].values())
+    init = init_weights("batch")
+    assert any(not torch.equal(v, init["G"][k]) for k, v in r0["G"].items() if v.is_floating_point())

@@ -99,6 +99,13 @@ class FSDPStrategy(Strategy):
         fully_shard(module, mp_policy=root_policy, **common)
         return module
 
+    def make_optimizer(self, module: nn.Module, name: str) -> torch.optim.Optimizer:
+        opt = super().make_optimizer(module, name)
+        if self.train_cfg.precision == "fp16" and opt.defaults.get("fused"):
+            # ShardedGradScaler hands fused Adam a found-inf tensor of shape [1], which it rejects
+            opt = type(opt)(opt.param_groups[0]["params"], **dict(opt.defaults, fused=None, foreach=True))
+        return opt
+
     def _fsdp_modules(self, name: str) -> list[nn.Module]:
         from torch.distributed.fsdp import FSDPModule
 

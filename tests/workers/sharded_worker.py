@@ -125,6 +125,15 @@ def optimizer_numel(opt) -> dict:
     return {"params": params, "state": state}
 
 
+def loss_scale(strategy, name: str):
+    """The current fp16 loss scale of `name` (None without loss scaling)."""
+    if hasattr(strategy, "engines"):
+        scale = getattr(strategy.engines[name].optimizer, "loss_scale", None)
+        return float(scale) if scale is not None and strategy.precision.name == "fp16" else None
+    scaler = strategy.precision.scalers[name]
+    return float(scaler.get_scale()) if scaler.is_enabled() else None
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
@@ -212,6 +221,8 @@ def main() -> None:
            "local_numel": {n: sum(local_numel(p) for p in strategy.raw[n].parameters()) for n in ("G", "D")},
            "optim_numel": {n: optimizer_numel(strategy.optimizers[n]) for n in ("G", "D")},
            "released": {n: all(p.data.numel() == 0 for p in strategy.raw[n].parameters()) for n in ("G", "D")},
+           "loss_scale": {n: loss_scale(strategy, n) for n in ("G", "D")},
+           "skipped": dict(strategy.skipped_updates),
            "collectives": log.calls, "d_grads_in_g_phase": d_grads_in_g_phase,
            "param_dtypes": sorted({str(p.dtype) for n in ("G", "D") for p in strategy.raw[n].parameters()})}
     torch.save(out, args.out)
