@@ -67,16 +67,18 @@ def test_deepspeed_zero3_bf16_trains_and_exports(tmp_path):
 
 
 def test_accelerate_launch_use_fsdp_runs_fsdp_with_its_settings(tmp_path):
-    """`accelerate launch --use_fsdp` must not quietly become DDP: run_info says what ran."""
+    """`accelerate launch --use_fsdp` must not quietly become DDP: run_info says what ran, and
+    its FSDP settings (no resharding after forward, CPU offload) are the run's."""
     run_dir = tmp_path / "acc"
     env = base_env()
     run([PYTHON, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2",
-         "--fsdp_reshard_after_forward", "false", "--num_processes", "2", "--num_machines", "1",
+         "--fsdp_reshard_after_forward", "false", "--fsdp_offload_params", "true",
+         "--num_processes", "2", "--num_machines", "1",
          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
          "gan_dist/train.py", *TINY, "train.precision=fp32", "train.steps=2", f"run.dir={run_dir}"],
         timeout=400, env=env, cwd=Path(__file__).resolve().parent.parent)
     info = json.loads((run_dir / "run_info.json").read_text())
     assert (info["strategy"], info["world_size"], info["launcher"]) == ("fsdp", 2, "accelerate")
     fsdp = yaml.safe_load((run_dir / "config.yaml").read_text())["parallel"]["fsdp"]
-    assert fsdp["reshard_after_forward"] is False
+    assert fsdp["reshard_after_forward"] is False and fsdp["cpu_offload"] is True
     sample_alone(run_dir)
