@@ -290,7 +290,7 @@ PEAK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.floa
 
 
 def measure_peak_flops(device: torch.device, name: str, n: Optional[int] = None,
-                       budget_s: float = 1.0) -> float:
+                       budget_s: float = 2.0) -> float:
     """FLOP/s of the best of several n x n matmuls in `name` on `device`.
 
     fp32 on a GPU follows cuDNN's TF32 setting (on by default in PyTorch), since the convolutions
@@ -380,6 +380,43 @@ def loadavg() -> Optional[list[float]]:
     with contextlib.suppress(OSError, AttributeError):
         return [round(x, 2) for x in os.getloadavg()]
     return None
+
+
+class OtherLoad:
+    """How many CPU cores other processes kept busy while this run ran (Linux).
+
+    Busy time of the whole machine (/proc/stat) minus the CPU time of this job's own processes
+    (every rank, and loader workers that have exited), over the wall time. On a shared machine
+    this says whether a row was timed while something else competed for the cores.
+    """
+
+    def __init__(self) -> None:
+        self.start = (self._busy_s(), self._own_s(), time.perf_counter())
+
+    @staticmethod
+    def _busy_s() -> Optional[float]:
+        try:
+            fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _own_s() -> float:
+        import resource
+
+        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+    def cores(self) -> Optional[float]:
+        """Collective with several ranks: the average number of cores busy with other work."""
+        busy0, own0, t0 = self.start
+        busy1, wall = self._busy_s(), time.perf_counter() - t0
+        own = sum(gather(self._own_s() - own0))
+        if busy0 is None or busy1 is None or wall <= 0:
+            return None
+        return round(max(0.0, (busy1 - busy0) - own) / wall, 3)
 
 
 def environment(info: DistInfo) -> dict[str, Any]:
@@ -592,12 +629,19 @@ def barrier() -> None:
         dist.barrier()
 
 
-def measure_peaks(device: torch.device, dtypes: Sequence[str], n: Optional[int] = None) -> dict[str, float]:
-    """Peak matmul FLOP/s per dtype, measured on every rank at the same time."""
+def measure_peaks(device: torch.device, dtypes: Sequence[str], n: Optional[int] = None,
+                  before: Optional[dict[str, float]] = None) -> dict[str, float]:
+    """Peak matmul FLOP/s per dtype, measured on every rank at the same time.
+
+    Called before and after the rows (`before`: the first result), keeping the higher: a
+    virtual machine's cores can run at a fraction of their speed for seconds at a time (seen
+    here for bf16 matmuls on AMX: 360 vs 960 GFLOP/s on one core), and the peak is what the
+    device does when nothing holds it back.
+    """
     out = {}
     for name in dtypes:
         barrier()
-        out[name] = measure_peak_flops(device, name, n)
+        out[name] = max(measure_peak_flops(device, name, n), (before or {}).get(name, 0.0))
     return out
 
 
@@ -768,7 +812,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"Device: {env['device_name']} ({env['device']}, {env['world_size']} process(es), "
         f"{env['threads_per_process']} thread(s) each); torch {env['versions'].get('torch')}; "
-        f"load average {env.get('loadavg_start')} -> {env.get('loadavg_end')}.",
+        f"load average {env.get('loadavg_start')} -> {env.get('loadavg_end')}; other processes kept "
+        f"{env.get('other_processes_cpu_cores')} core(s) busy on average during the run.",
         "Peak matmul FLOP/s measured in this run: "
         + ", ".join(f"{k} {_flops(v)}FLOP/s" for k, v in result["peak_flops_per_sec"].items()) + ".",
         "",

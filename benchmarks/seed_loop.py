@@ -146,7 +146,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override for all rows, e.g. model.ngf=16 (repeatable)")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--repeats", type=int, default=11)
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--peak-size", type=int, default=None, help="matmul size for the peak (default 2048 CPU, 8192 GPU)")
     p.add_argument("--json", help="write the rows as JSON here")
@@ -164,6 +164,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     base = common.build_config(args.model, args.batch_size, "fp32", "none", False, False, args.overrides)
     configure_threads(base, info.local_world_size, info.launcher)
     env = common.environment(info)
+    other = common.OtherLoad()
     spec = common.TimingSpec(args.warmup, args.repeats, args.iters)
     timeline = common.Timeline(common.Clock(info.device))
     common.COMM.install()
@@ -173,14 +174,17 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         common.GanDistBench(common.build_config(args.model, args.batch_size, d.precision, "auto", d.channels_last,
                                                 d.compile, args.overrides), info, args.data, timeline, args.model),
     ]
-    peaks = common.measure_peaks(info.device, sorted({"fp32", "bf16", d.precision}), args.peak_size)
+    dtypes = sorted({"fp32", "bf16", d.precision})
+    peaks = common.measure_peaks(info.device, dtypes, args.peak_size)
     common.run_benches(benches, spec, interleave=True)
+    peaks = common.measure_peaks(info.device, dtypes, args.peak_size, before=peaks)
     for b in benches:
         if b.failed is not None:
             raise SystemExit(f"{b.row['label']}: {b.failed}")
     rows = [common.make_row(b, [common.rank_summary(b, spec)], peaks, spec) for b in benches]
     common.add_seed_ratios(rows)
     env["loadavg_end"] = common.loadavg()
+    env["other_processes_cpu_cores"] = other.cores()
     result = {"benchmark": "seed_loop", "env": env, "peak_flops_per_sec": peaks, "rows": rows, "skipped": [],
               "ratios": {"gan_dist_fp32_vs_seed": rows[1]["speedup_vs_seed"],
                          "gan_dist_defaults_vs_seed": rows[2]["speedup_vs_seed"]}}

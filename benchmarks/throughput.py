@@ -111,6 +111,7 @@ def run(args: argparse.Namespace) -> Optional[dict[str, Any]]:
     if first is not None:
         configure_threads(first, info.local_world_size, info.launcher)
     env = common.environment(info)
+    other = common.OtherLoad()
     spec = common.TimingSpec(args.warmup, args.repeats, args.iters)
     timeline = common.Timeline(common.Clock(info.device))
 
@@ -142,6 +143,7 @@ def run(args: argparse.Namespace) -> Optional[dict[str, Any]]:
             common.run_benches([bench], spec)
     if args.interleave:
         common.run_benches(benches, spec, interleave=True)
+    peaks = common.measure_peaks(info.device, dtypes, args.peak_size, before=peaks)
     for bench in benches:
         if bench.failed is not None:
             skipped.append({"label": bench.row["label"], "reason": bench.failed})
@@ -150,6 +152,7 @@ def run(args: argparse.Namespace) -> Optional[dict[str, Any]]:
         rows.append(common.make_row(bench, per_rank, peaks, spec))
     common.add_seed_ratios(rows)
     env["loadavg_end"] = common.loadavg()
+    env["other_processes_cpu_cores"] = other.cores()
     result = {"benchmark": "throughput", "env": env, "peak_flops_per_sec": peaks, "rows": rows,
               "skipped": skipped, "timing": vars(spec)}
     is_main = info.is_main

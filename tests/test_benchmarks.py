@@ -29,7 +29,7 @@ def check_result(res: dict, repeats: int = 2) -> None:
     """Every row has every field, and the numbers agree with each other."""
     env = res["env"]
     for key in ("device", "device_name", "world_size", "threads_per_process", "versions", "loadavg_start",
-                "loadavg_end", "date", "argv"):
+                "loadavg_end", "other_processes_cpu_cores", "date", "argv"):
         assert key in env, key
     assert env["versions"]["torch"] == torch.__version__.split("+")[0]
     assert res["peak_flops_per_sec"]
