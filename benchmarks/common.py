@@ -714,7 +714,7 @@ class GanDistBench(Bench):
             impl=self.impl, strategy=self.strategy.name,
             is_default=(t.precision, t.channels_last, t.compile) == (defaults.precision, defaults.channels_last,
                                                                      defaults.compile)
-            and cfg.parallel.strategy in ("auto", resolve_strategy_name("auto", info.world_size)),
+            and self.strategy.name == resolve_strategy_name("auto", info.world_size),
         )
         self.row["label"] = row_label(self.row)
         self.data: Any = None

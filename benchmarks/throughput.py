@@ -197,7 +197,11 @@ def run_scaling(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]
             results.append(json.loads(out.read_text()))
     rows = [r for res in results for r in res["rows"]]
     add_scaling(rows)
-    env = dict(results[-1]["env"], world_size=sizes, loadavg_start=results[0]["env"]["loadavg_start"])
+    envs = [res["env"] for res in results]
+    others = [e.get("other_processes_cpu_cores") for e in envs]
+    env = dict(envs[-1], world_size=sizes, threads_per_process=[e["threads_per_process"] for e in envs],
+               loadavg_start=envs[0]["loadavg_start"],
+               other_processes_cpu_cores=None if None in others else max(others))
     peaks = {f"w{res['env']['world_size']}_{k}": v for res in results for k, v in res["peak_flops_per_sec"].items()}
     return {"benchmark": "throughput-scaling", "env": env, "peak_flops_per_sec": peaks, "rows": rows,
             "skipped": [s for res in results for s in res["skipped"]],

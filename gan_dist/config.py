@@ -40,7 +40,7 @@ class TrainConfig:
     beta1: float = 0.5
     beta2: float = 0.999
     channels_last: bool = True  # NHWC activations into the convolutions (docs/benchmarks.md)
-    compile: bool = False  # torch.compile G and D; on a CPU it costs minutes and gained ~2%
+    compile: bool = False  # torch.compile G and D in place; minutes of compiling first (docs/benchmarks.md)
     log_every: int = 25
     sample_every: int = 250
     ckpt_every: int = 500  # also saved at the end and on SIGTERM/SIGUSR1/SIGINT

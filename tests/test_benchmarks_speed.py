@@ -12,8 +12,9 @@ from gan_dist.models import build_models
 from gan_dist.parallel import build_strategy
 from gan_dist.parallel.base import NAMES
 
+# the plain eager fp32 step: every speed setting off
 TINY = ["model.ngf=4", "model.ndf=4", "model.nz=8", "train.batch_size=4", "train.precision=fp32",
-        "parallel.strategy=none"]
+        "parallel.strategy=none", "train.channels_last=false", "train.compile=false"]
 INFO = DistInfo(0, 1, 0, 1, 0, torch.device("cpu"), None, "python")
 
 
