@@ -43,8 +43,8 @@ class StopSignals:
     """Turns SIGTERM, SIGUSR1 and SIGINT into a request honoured at the next step boundary.
 
     The handler only records the signal: the current step finishes on every rank, the ranks
-    agree (`agreed()`, an all-reduce) that one of them was asked to stop, and all of them save
-    and exit together. A second SIGINT interrupts at once (Ctrl-C twice).
+    agree (`StepAgreement`, an all-reduce) that one of them was asked to stop, and all of them
+    save and exit together at the same step. A second SIGINT interrupts at once (Ctrl-C twice).
     """
 
     def __init__(self) -> None:
@@ -68,15 +68,57 @@ class StopSignals:
         if self.received is None:
             self.received = signum
 
-    def agreed(self, device: torch.device) -> Optional[int]:
-        """Collective: the signal any rank received (the highest number if several), else None."""
-        local = self.received or 0
-        if dist.is_available() and dist.is_initialized():
-            flag = torch.tensor([local], dtype=torch.int64,
-                                device=device if dist.get_backend() == "nccl" else "cpu")
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            local = int(flag.item())
-        return local or None
+    @property
+    def code(self) -> int:
+        """The signal received so far on this rank (0: none), for `StepAgreement`."""
+        return self.received or 0
+
+
+class StepAgreement:
+    """Once per step the ranks agree on a few numbers (an all-reduce, MAX): the stop signal any
+    of them received and the non-finite guard's counters. The host reads the agreed numbers one
+    step later, so reading never waits for the step just queued on a GPU; on a CPU the
+    all-reduce runs in the background while the next step computes.
+
+    Every rank reads the record of step t after step t+1, so all of them act at the same step.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._pending: Optional[tuple[int, Any, torch.Tensor, Any]] = None
+
+    def exchange(self, step: int, values: torch.Tensor) -> Optional[tuple[int, list[float]]]:
+        """Start agreeing on `values` (a 1-D float tensor on the device) of `step`; returns the
+        agreed record (step, values) of the previous exchange, or None on the first one."""
+        previous = self.collect()
+        values = values.detach().to(torch.float64)
+        work = None
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            work = dist.all_reduce(values, op=dist.ReduceOp.MAX, async_op=True)
+        event = None
+        if values.device.type == "cuda":
+            if work is not None:
+                work.wait()  # NCCL: the current stream waits for the reduction; the host does not
+                work = None
+            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            host.copy_(values, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            values = host
+        self._pending = (step, work, values, event)
+        return previous
+
+    def collect(self) -> Optional[tuple[int, list[float]]]:
+        """The agreed record of the last exchange (waits for it), or None if already read."""
+        if self._pending is None:
+            return None
+        step, work, values, event = self._pending
+        self._pending = None
+        if event is not None:
+            event.synchronize()
+        if work is not None:
+            work.wait()
+        return step, values.tolist()
 
 
 def signal_name(signum: int) -> str:
@@ -88,35 +130,47 @@ def signal_name(signum: int) -> str:
 
 # ---- non-finite guard -------------------------------------------------------------------------
 class NonFiniteGuard:
-    """Counts the updates the strategy refused (NaN/Inf loss or gradient, agreed by all ranks),
-    puts back the BatchNorm statistics that the refused step's forward passes polluted, and
-    stops the run after `max_consecutive` such steps in a row.
+    """Follows, on the device, the updates the strategy refused (NaN/Inf loss or gradient,
+    agreed by all ranks): puts back the BatchNorm statistics that a refused update's forward
+    passes polluted, and counts the steps in a row with a refused update. Nothing here syncs
+    the host; `streak`, `scalars()` and `state_dict()` read the counters (logging, checkpoints),
+    and `values()` hands them to the per-step `StepAgreement`.
     """
 
     def __init__(self, strategy: Any, max_consecutive: int) -> None:
         self.strategy = strategy
         self.max_consecutive = max_consecutive
-        self.streak = 0  # consecutive steps with at least one skipped update
-        self._counts: dict[str, int] = {}
+        self.streak_t = torch.zeros((), device=strategy.device)  # steps in a row with a refused update
+        self._before: dict[str, torch.Tensor] = {}
         self._buffers: dict[str, list[torch.Tensor]] = {}
 
     def before_step(self) -> None:
-        self._counts = dict(self.strategy.skipped_updates)
+        self._before = {n: c.clone() for n, c in self.strategy.skipped.items()}
         self._buffers = {n: [b.detach().clone() for b in m.buffers()] for n, m in self.strategy.raw.items()}
 
-    def after_step(self) -> list[str]:
-        """Names of the models whose update was skipped in this step ([] for a good step)."""
-        skipped = [n for n, c in self.strategy.skipped_updates.items() if c != self._counts.get(n, 0)]
-        with torch.no_grad():
-            for name in skipped:
-                for buf, saved in zip(self.strategy.raw[name].buffers(), self._buffers[name]):
-                    buf.copy_(saved)
+    @torch.no_grad()
+    def after_step(self) -> torch.Tensor:
+        """1.0 (a 0-dim device tensor) if an update of this step was refused, else 0.0."""
+        any_bad = torch.zeros((), dtype=torch.bool, device=self.streak_t.device)
+        for name, module in self.strategy.raw.items():
+            bad = self.strategy.skipped[name] > self._before[name]
+            any_bad = any_bad | bad
+            for buf, saved in zip(module.buffers(), self._buffers[name]):
+                buf.copy_(torch.where(bad, saved, buf))
         self._buffers = {}
-        self.streak = self.streak + 1 if skipped else 0
-        return skipped
+        self.streak_t = (self.streak_t + 1) * any_bad
+        return any_bad.float()
+
+    @property
+    def streak(self) -> int:
+        return int(self.streak_t.item())
 
     def exhausted(self) -> bool:
         return self.streak >= self.max_consecutive
+
+    def values(self) -> list[torch.Tensor]:
+        """[streak, skipped G updates, skipped D updates] as device tensors."""
+        return [self.streak_t, self.strategy.skipped["G"], self.strategy.skipped["D"]]
 
     def scalars(self) -> dict[str, float]:
         out = {f"nonfinite/skipped_updates_{n}": float(c) for n, c in self.strategy.skipped_updates.items()}
@@ -124,11 +178,11 @@ class NonFiniteGuard:
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"skipped_updates": dict(self.strategy.skipped_updates), "streak": self.streak}
+        return {"skipped_updates": self.strategy.skipped_updates, "streak": self.streak}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.strategy.skipped_updates.update(state["skipped_updates"])
-        self.streak = int(state["streak"])
+        self.strategy.set_skipped_updates(state["skipped_updates"])
+        self.streak_t.fill_(int(state["streak"]))
 
 
 # ---- fault injection (tests) ------------------------------------------------------------------

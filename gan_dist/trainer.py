@@ -23,8 +23,8 @@ from gan_dist.config import Config, to_dict, to_yaml
 from gan_dist.data import DataError, make_loader, shared_shards
 from gan_dist.distributed import DistInfo
 from gan_dist.ema import build_ema
-from gan_dist.faults import (EXIT_RETRY, FaultInjector, NonFiniteError, NonFiniteGuard, StopSignals,
-                             signal_name)
+from gan_dist.faults import (EXIT_RETRY, FaultInjector, NonFiniteError, NonFiniteGuard, StepAgreement,
+                             StopSignals, signal_name)
 from gan_dist.logging import RunLogger, Throughput, save_grid
 from gan_dist.loop import train_step
 from gan_dist.models import build_models
@@ -94,6 +94,7 @@ class Trainer:
                                  t.keep_ckpts, info)
         self.last_saved_step: Optional[int] = None
         self.resumed_from = self.maybe_resume()
+        self.skipped_seen = self.strategy.skipped_updates  # as of the last agreed record
         self.started = time.time()
         self.logger = RunLogger(self.run_dir, info.is_main, t.steps, self.step)
         self.write_run_info("running")
@@ -114,16 +115,18 @@ class Trainer:
         if self.step == 0 and self.cfg.eval.every:
             self.evaluate()  # the untrained generator: where the metric curves start
         with StopSignals() as stop:
+            agreement = StepAgreement(self.device)
             while self.step < t.steps:
                 batches = self.inject(self.step + 1, self.next_batches())
                 self.guard.before_step()
                 stats = train_step(self.strategy, batches, t.loss)
                 self.step += 1
                 self.images_seen += self.images_per_step
-                self.check_nonfinite()
+                self.guard.after_step()
                 if self.ema is not None:
                     self.ema.update(self.images_seen - self.images_per_step, self.images_per_step)
                 last = self.step == t.steps
+                signum = self.agree(agreement, stop, last)
                 if last:  # before the end-of-run evaluation: a failure there loses no training
                     self.save_checkpoint()
                 if self.step % t.log_every == 0 or last or self.step == 1:
@@ -136,7 +139,6 @@ class Trainer:
                 self.logger.advance()
                 if last:
                     break
-                signum = stop.agreed(self.device)
                 if signum is not None:
                     return self.stop_for_signal(signum)
                 if self.step % t.ckpt_every == 0 and self.guard.streak == 0:
@@ -146,23 +148,38 @@ class Trainer:
         return 0
 
     # ---- faults and checkpoints -----------------------------------------------------------
-    def check_nonfinite(self) -> None:
-        """Count the updates the strategy skipped in this step; stop after too many in a row."""
-        skipped = self.guard.after_step()
-        if not skipped:
-            return
-        self.logger.scalars(self.step, self.guard.scalars())
+    def agree(self, agreement: StepAgreement, stop: StopSignals, last: bool) -> Optional[int]:
+        """Hand this step's stop signal and non-finite counters to the ranks' agreement and act
+        on the agreed record of the step before (of this step too when it is the last): warn of
+        skipped updates, stop after too many in a row. Returns the signal to stop for, if any."""
+        values = torch.stack([torch.tensor(float(stop.code), device=self.device),
+                              *[v.float() for v in self.guard.values()]])
+        records = [agreement.exchange(self.step, values)]
+        if last:
+            records.append(agreement.collect())
+        signum = None
+        for record in records:
+            if record is not None:
+                signum = self.check_record(*record) or signum
+        return signum
+
+    def check_record(self, step: int, values: list[float]) -> Optional[int]:
+        """Act on the agreed numbers of `step`: [signal, streak, skipped G, skipped D]."""
+        signum, streak, *counts = (int(v) for v in values)
+        skipped = [n for n, c in zip(("G", "D"), counts) if c > self.skipped_seen[n]]
+        self.skipped_seen = dict(zip(("G", "D"), counts))
         limit = self.cfg.train.max_nonfinite
-        if self.info.is_main:
-            warn(f"step {self.step}: NaN/Inf loss or gradient in the {' and '.join(skipped)} update; "
-                 f"skipped on every rank ({self.guard.streak} step(s) in a row, train.max_nonfinite={limit})")
-        if self.guard.exhausted():
+        if skipped and self.info.is_main:
+            warn(f"step {step}: NaN/Inf loss or gradient in the {' and '.join(skipped)} update; "
+                 f"skipped on every rank ({streak} step(s) in a row, train.max_nonfinite={limit})")
+        if streak >= limit:
             latest = self.ckpt.latest_name()
             raise NonFiniteError(
-                f"{self.guard.streak} consecutive steps (up to step {self.step}) had NaN/Inf losses or "
+                f"{streak} consecutive steps (up to step {step}) had NaN/Inf losses or "
                 f"gradients (train.max_nonfinite={limit}): stopping. The last good checkpoint is "
                 + (f"{str(self.ckpt.root / latest)!r}" if latest else "none (no checkpoint was saved yet)")
                 + ". Lower train.lr_g/train.lr_d, try train.precision=fp32, or check the data.")
+        return signum or None
 
     def stop_for_signal(self, signum: int) -> int:
         path = self.save_checkpoint() or self.ckpt.root / self.ckpt.latest_name()

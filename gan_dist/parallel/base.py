@@ -54,6 +54,12 @@ def fused_adam_supported(params: list[torch.Tensor]) -> bool:
     return bool(params) and all(p.is_floating_point() and p.device.type in devices for p in params)
 
 
+def skips_on_device(opt: torch.optim.Optimizer) -> bool:
+    """Whether `opt.step()` honours an `opt.found_inf` tensor (torch's fused optimizers): it then
+    skips the update on the device, with no host sync."""
+    return bool(getattr(opt, "_step_supports_amp_scaling", False)) and bool(opt.defaults.get("fused"))
+
+
 def channels_last_activations(module: nn.Module) -> None:
     """Run the 2-D convolutions of `module` on channels_last (NHWC) activations.
 
@@ -101,7 +107,8 @@ class Strategy:
         self.raw: dict[str, nn.Module] = {}
         self.wrapped: dict[str, nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
-        self.skipped_updates = {n: 0 for n in NAMES}  # updates refused by the non-finite guard
+        # updates refused by the non-finite guard, counted on the device (read at logging)
+        self.skipped = {n: torch.zeros((), device=self.device) for n in NAMES}
         self._loss_nonfinite: dict[str, torch.Tensor] = {}
 
     # ---- building -------------------------------------------------------------------------
@@ -177,15 +184,14 @@ class Strategy:
         seen = self._loss_nonfinite.get(trained)
         self._loss_nonfinite[trained] = bad if seen is None else seen | bad
 
-    def update_is_finite(self, trained: str) -> bool:
-        """Collective: whether the losses and gradients of this update are finite on every rank.
+    def nonfinite_flag(self, trained: str) -> torch.Tensor:
+        """Collective: 1.0 if a loss or gradient of this update is NaN/Inf on any rank, else 0.0.
 
-        Ranks must agree: with sharded gradients a NaN may sit in one rank's shard only, and a
-        rank that stepped while another skipped would leave the replicas apart. The check costs
-        one max-norm pass over the gradients, one 1-element all-reduce and one host sync per
-        update (what GradScaler costs under fp16 anyway). The 2-norm is used because it is
-        fast (foreach kernels; the max-norm is ~20x slower on CPU); a gradient so large that its
-        norm overflows (~1e19 per entry in fp32) counts as non-finite too.
+        A 0-dim float tensor on the device, equal on every rank, computed without a host sync:
+        one 2-norm over the gradients (foreach kernels; a max-norm is ~20x slower on CPU) and one
+        1-element all-reduce. Ranks must agree: with sharded gradients a NaN may sit in one rank's
+        shard only, and a rank that stepped while another skipped would leave the replicas apart.
+        A gradient so large that its norm overflows (~1e19 per entry in fp32) counts too.
         """
         flag = torch.zeros((), dtype=torch.float32, device=self.device)
         grads = self.grads(trained)
@@ -197,15 +203,20 @@ class Strategy:
             flag = torch.maximum(flag, loss_bad.float())
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return flag.item() == 0.0
+        return flag
 
-    def skip_update(self, trained: str) -> None:
-        """Drop this update's gradients; parameters and optimizer state stay as they were."""
-        self.skipped_updates[trained] += 1
-        scaler = self.precision.scalers[trained]
-        if scaler.is_enabled():
-            scaler.update()  # after unscale_: lowers the scale when it found infs
-        self.optimizers[trained].zero_grad(set_to_none=True)
+    def update_is_finite(self, trained: str) -> bool:
+        """`nonfinite_flag` read on the host (a sync), for updates that cannot skip on the device."""
+        return self.nonfinite_flag(trained).item() == 0.0
+
+    @property
+    def skipped_updates(self) -> dict[str, int]:
+        """Updates refused so far, per model (reads the device counters: a host sync)."""
+        return {n: int(c.item()) for n, c in self.skipped.items()}
+
+    def set_skipped_updates(self, counts: dict[str, int]) -> None:
+        for n, c in counts.items():
+            self.skipped[n].fill_(c)
 
     def unscale_(self, trained: str) -> None:
         """Bring gradients to their true scale (fp16) before inspecting them."""
@@ -214,15 +225,31 @@ class Strategy:
             scaler.unscale_(self.optimizers[trained])
 
     def step(self, trained: str) -> None:
-        """Update `trained` unless a loss or gradient is NaN/Inf on any rank (then skip it there too)."""
+        """Update `trained` unless a loss or gradient is NaN/Inf on any rank (then every rank skips).
+
+        The decision stays on the device: fused Adam reads the agreed flag as its `found_inf`
+        input and leaves parameters, moments and step count alone when it is set; under fp16 the
+        loss scaler's own overflow record is replaced by the agreed flag, so every rank skips and
+        backs off alike. Only an optimizer without a found-inf input makes the host decide.
+        """
         scaler = self.precision.scalers[trained]
         opt = self.optimizers[trained]
         self.unscale_(trained)
-        if not self.update_is_finite(trained):
-            self.skip_update(trained)
-            return
-        scaler.step(opt)
-        scaler.update()
+        bad = self.nonfinite_flag(trained)
+        self.skipped[trained] += bad
+        if scaler.is_enabled():
+            for found_inf in scaler._found_inf_per_device(opt).values():
+                found_inf.copy_(bad)
+            scaler.step(opt)
+            scaler.update()
+        elif skips_on_device(opt):
+            opt.found_inf = bad
+            try:
+                opt.step()
+            finally:
+                del opt.found_inf
+        elif bad.item() == 0.0:
+            opt.step()
         opt.zero_grad(set_to_none=True)
 
     def zero_grad(self, trained: str) -> None:

@@ -260,7 +260,7 @@ class DeepSpeedStrategy(Strategy):
         engine = self.engines[trained]
         if self.zero_stage == 0:
             if not self.update_is_finite(trained):
-                self.skipped_updates[trained] += 1
+                self.skipped[trained] += 1
                 engine.zero_grad()
                 engine.optimizer.zero_grad()
                 return
@@ -269,7 +269,7 @@ class DeepSpeedStrategy(Strategy):
         skipped = engine.skipped_steps
         engine.step()
         if engine.skipped_steps != skipped:
-            self.skipped_updates[trained] += 1
+            self.skipped[trained] += 1
 
     def zero_grad(self, trained: str) -> None:
         self.engines[trained].optimizer.zero_grad()
