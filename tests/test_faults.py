@@ -116,3 +116,28 @@ def test_consecutive_nonfinite_steps_stop_the_run_and_keep_the_last_good_checkpo
                if v.is_floating_point())
     assert not (run_dir / "generator.pt").exists()
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_training_step_and_guard_never_read_a_tensor_on_the_host(monkeypatch, precision):
+    """The hot loop stays on the device: neither a good nor a NaN step calls .item(), .tolist()
+    or bool()/float()/int() of a tensor (each would be a host sync on a GPU)."""
+    cfg = load_config(None, ["model.ngf=8", "model.ndf=8", "model.nz=16", f"train.precision={precision}"])
+    strategy = build_strategy(INFO, cfg)
+    strategy.setup(*build_models(cfg.model, seed=1))
+    guard = NonFiniteGuard(strategy, max_consecutive=5)
+    g = torch.Generator().manual_seed(0)
+    real, z = torch.rand(4, 1, 32, 32, generator=g) * 2 - 1, torch.randn(4, 16, generator=g)
+    train_step(strategy, [[(real, z)]])  # first step: optimizer state is created
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("a tensor was read on the host inside the training step")
+
+    with monkeypatch.context() as m:
+        for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+            m.setattr(torch.Tensor, name, host_read)
+        for batch in (real, torch.full_like(real, float("nan"))):
+            guard.before_step()
+            train_step(strategy, [[(batch, z)]])
+            guard.after_step()
+    assert strategy.skipped_updates == {"G": 0, "D": 1} and guard.streak == 1
