@@ -194,19 +194,15 @@ class Trainer:
         """Collective: checkpoint the current step (once). Returns its directory."""
         if self.last_saved_step == self.step:
             return None
-        ema = getattr(self, "ema", None)
-        data_state = getattr(self.data, "state_dict", None)
         trainer_state = {
             "format": FORMAT, "step": self.step, "images_seen": self.images_seen,
             "world_size": self.info.world_size, "strategy": self.strategy.name, "config": to_dict(self.cfg),
             "guard": self.guard.state_dict(),
-            "ema": ema.state_dict() if ema is not None and hasattr(ema, "state_dict") else None,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
         }
-        t = self.cfg.train
         rank_state = {
             "rank": self.info.rank, "rng": rng_state(self.device), "noise": self.noise.get_state(),
-            "data": data_state() if callable(data_state) else None,
-            "batches_drawn": self.step * t.d_steps * t.grad_accum,
+            "data": self.data.state_dict(),
             "skipped_updates": dict(self.strategy.skipped_updates),  # as this rank counted them
         }
         exports = {"generator.pt": self.strategy.full_state_dict("G")}  # collective; rank 0's is full
@@ -223,28 +219,18 @@ class Trainer:
         self.step = trainer_state["step"]
         self.images_seen = trainer_state["images_seen"]
         self.guard.load_state_dict(trainer_state["guard"])
-        ema = getattr(self, "ema", None)
-        if ema is not None and trainer_state.get("ema") is not None:
-            ema.load_state_dict(trainer_state["ema"])
+        if self.ema is not None and trainer_state.get("ema") is not None:
+            self.ema.load_state_dict(trainer_state["ema"])
         if path.parent == self.ckpt.root:
             self.last_saved_step = self.step
         if rank_state is not None:
-            self.restore_data_position(rank_state)
+            self.data.load_state_dict(rank_state["data"])
             # last: creating the data iterator draws from the torch RNG
             set_rng_state(rank_state["rng"], self.device)
             self.noise.set_state(rank_state["noise"])
         if self.info.is_main:
             note(f"resumed from {str(path)!r} at step {self.step} ({self.images_seen} images seen)")
         return str(path)
-
-    def restore_data_position(self, rank_state: dict) -> None:
-        load = getattr(self.data, "load_state_dict", None)
-        if callable(load) and rank_state.get("data") is not None:
-            load(rank_state["data"])
-            return
-        # a reader without a saved position: replay the stream up to where the run stopped
-        for _ in range(rank_state["batches_drawn"]):
-            next(self.data)
 
     def log(self, stats: dict[str, torch.Tensor], img_per_sec: float) -> None:
         keys = sorted(stats)
@@ -341,10 +327,10 @@ class Trainer:
             "threads_per_process": torch.get_num_threads(),
             "steps": self.step,
             "images_seen": self.images_seen,
-            "resumed_from": getattr(self, "resumed_from", None),
-            "ema": getattr(self, "ema", None) is not None,
-            "eval": getattr(self, "last_eval", None),
-            "data": getattr(self, "data_summary", None),
+            "resumed_from": self.resumed_from,
+            "ema": self.ema is not None,
+            "eval": self.last_eval,
+            "data": self.data_summary,
             "elapsed_s": round(elapsed, 3),
             "img_per_sec": round(self.images_seen / elapsed, 3) if elapsed > 0 else None,
             "seed": self.cfg.run.seed,
