@@ -16,11 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
-from gan_dist.generate import EXIT_USAGE, GeneratorSourceError, load_generator
+from gan_dist.generate import add_weights_args, load_generator, run_cli
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -29,9 +29,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=None, help="generated images (default: the run's eval.num_samples)")
     p.add_argument("--seed", type=int, default=None,
                    help="latent seed (default: the one evaluations during training use)")
-    ema = p.add_mutually_exclusive_group()
-    ema.add_argument("--ema", dest="ema", action="store_true", default=None, help="require the EMA weights")
-    ema.add_argument("--no-ema", dest="ema", action="store_false", help="use the training weights")
+    add_weights_args(p)
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. eval.extractor=inception data.urls=...")
     args = p.parse_args(argv)
     if args.n is not None and args.n < 2:
@@ -41,15 +39,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    from gan_dist import distributed as gdist
-    from gan_dist.config import ConfigError
-    from gan_dist.data import DataError
-    from gan_dist.metrics.evaluation import EVAL_SEED, training_evaluator
 
-    info = gdist.init_distributed()
-    code = 1
-    try:
-        torch.set_num_threads(max(1, torch.get_num_threads() // max(1, info.local_world_size)))
+    def body(info: Any) -> None:
+        from gan_dist.config import ConfigError
+        from gan_dist.metrics.evaluation import EVAL_SEED, training_evaluator
+
         overrides = list(args.overrides) + ["eval.enabled=true"]
         if args.n is not None:
             overrides.append(f"eval.num_samples={args.n}")
@@ -71,13 +65,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         if info.is_main:
             print(json.dumps({"ckpt": args.ckpt, "weights": loaded.source, "ema": loaded.ema, "step": loaded.step,
                               "world_size": info.world_size, **result}), flush=True)
-        code = 0
-    except (GeneratorSourceError, ConfigError, DataError) as exc:
-        print(f"gan_dist.evaluate: error: {exc}", file=sys.stderr)
-        code = EXIT_USAGE
-    finally:
-        gdist.teardown(clean=code == 0)
-    return code
+
+    from gan_dist.data import DataError
+
+    return run_cli("gan_dist.evaluate", body, usage_errors=(DataError,))
 
 
 def _shards(cfg, is_main: bool):

@@ -18,7 +18,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -253,9 +253,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="latent seed: sample i is the same for every process count")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--shard-size", type=int, default=10_000, help="images per shard (name.tar output)")
-    ema = p.add_mutually_exclusive_group()
-    ema.add_argument("--ema", dest="ema", action="store_true", default=None, help="require the EMA weights")
-    ema.add_argument("--no-ema", dest="ema", action="store_false", help="use the training weights")
+    add_weights_args(p)
     args = p.parse_args(argv)
     if args.n < 1:
         p.error("--n must be >= 1")
@@ -264,8 +262,17 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    args = parse_args(argv)
+def add_weights_args(p: argparse.ArgumentParser) -> None:
+    """--ckpt's weights: --ema / --no-ema (default: EMA when the run has it)."""
+    ema = p.add_mutually_exclusive_group()
+    ema.add_argument("--ema", dest="ema", action="store_true", default=None, help="require the EMA weights")
+    ema.add_argument("--no-ema", dest="ema", action="store_false", help="use the training weights")
+
+
+def run_cli(prog: str, body: Callable[[Any], None], usage_errors: tuple[type, ...] = ()) -> int:
+    """Run `body(info)` in a process group formed from the launcher's environment (one process
+    without one), each process with its share of the cores. A bad --ckpt, config or data is a
+    one-line error and exit code 2; the group is torn down either way."""
     from gan_dist import distributed as gdist
     from gan_dist.config import ConfigError
 
@@ -273,6 +280,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     code = 1
     try:
         torch.set_num_threads(max(1, torch.get_num_threads() // max(1, info.local_world_size)))
+        body(info)
+        code = 0
+    except (GeneratorSourceError, ConfigError, *usage_errors) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        code = EXIT_USAGE
+    finally:
+        gdist.teardown(clean=code == 0)
+    return code
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+
+    def body(info: Any) -> None:
+        from gan_dist import distributed as gdist
+
         loaded = load_generator(args.ckpt, args.ema, info.device)
         kind = output_kind(args.out)
         out = Path(args.out)
@@ -290,13 +313,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if info.is_main:
             print(json.dumps({"out": str(out), "kind": kind, "n": args.n, "weights": loaded.source,
                               "ema": loaded.ema, "step": loaded.step, "world_size": info.world_size}))
-        code = 0
-    except (GeneratorSourceError, ConfigError) as exc:
-        print(f"gan_dist.generate: error: {exc}", file=sys.stderr)
-        code = EXIT_USAGE
-    finally:
-        gdist.teardown(clean=code == 0)
-    return code
+
+    return run_cli("gan_dist.generate", body)
 
 
 if __name__ == "__main__":
