@@ -19,6 +19,7 @@ from gan_dist.config import load_config
 from gan_dist.loop import train_step
 from gan_dist.models import build_models
 from gan_dist.parallel import build_strategy
+from tests.workers.batches import rank_batches
 
 
 def counting_hook(counter: dict, name: str):
@@ -75,19 +76,10 @@ def main() -> None:
         for name in ("G", "D"):
             strategy.wrapped[name].register_comm_hook(None, counting_hook(counter, name))
 
-    per_rank = args.global_batch // (W * args.accum)
     gen = torch.Generator().manual_seed(1234)
     d_grads_in_g_phase = []
     for _ in range(args.iters):
-        batches = []
-        for _d in range(args.d_steps):
-            real = torch.rand(args.global_batch, 1, 32, 32, generator=gen) * 2 - 1
-            z = torch.randn(args.global_batch, cfg.model.nz, generator=gen)
-            micro = []
-            for m in range(args.accum):
-                lo = (r * args.accum + m) * per_rank
-                micro.append((real[lo:lo + per_rank], z[lo:lo + per_rank]))
-            batches.append(micro)
+        batches = rank_batches(gen, args.global_batch, args.d_steps, args.accum, r, W, cfg.model.nz)
         if args.mode == "seed":
             (real, z), = batches[0]
             seed_loop_step(strategy.G, strategy.D, strategy.optimizers["G"], strategy.optimizers["D"], real, z)

@@ -25,6 +25,7 @@ from gan_dist.config import load_config
 from gan_dist.loop import train_step
 from gan_dist.models import build_models
 from gan_dist.parallel import build_strategy
+from tests.workers.batches import rank_batches
 
 REDUCING = ("all_reduce", "reduce", "reduce_scatter", "reduce_scatter_tensor", "reduce_scatter_single",
             "_reduce_scatter_base", "all_reduce_coalesced", "reduce_scatter_tensor_coalesced")
@@ -185,7 +186,6 @@ def main() -> None:
         strategy.phase = live_phase
     log.attach(strategy)
 
-    per_rank = args.global_batch // (W * args.accum)
     gen = torch.Generator().manual_seed(1234)
     first = 0
     if args.resume:
@@ -193,15 +193,7 @@ def main() -> None:
         first = args.save_at
     d_grads_in_g_phase = []
     for it in range(args.iters):
-        batches = []
-        for _d in range(args.d_steps):
-            real = torch.rand(args.global_batch, 1, 32, 32, generator=gen) * 2 - 1
-            z = torch.randn(args.global_batch, cfg.model.nz, generator=gen)
-            micro = []
-            for m in range(args.accum):
-                lo = (r * args.accum + m) * per_rank
-                micro.append((real[lo:lo + per_rank], z[lo:lo + per_rank]))
-            batches.append(micro)
+        batches = rank_batches(gen, args.global_batch, args.d_steps, args.accum, r, W, cfg.model.nz)
         if it < first:
             continue  # the resumed run skips the batches the saved run already used
         log.active = it == args.count_iter

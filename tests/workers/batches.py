@@ -1,0 +1,20 @@
+"""The batches the exactness workers train on: one global batch per D step drawn from a seeded
+generator on every rank, of which each rank takes its `accum` micro-batches."""
+from __future__ import annotations
+
+import torch
+
+
+def rank_batches(gen: torch.Generator, global_batch: int, d_steps: int, accum: int, rank: int,
+                 world_size: int, nz: int) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    per_rank = global_batch // (world_size * accum)
+    batches = []
+    for _ in range(d_steps):
+        real = torch.rand(global_batch, 1, 32, 32, generator=gen) * 2 - 1
+        z = torch.randn(global_batch, nz, generator=gen)
+        micro = []
+        for m in range(accum):
+            lo = (rank * accum + m) * per_rank
+            micro.append((real[lo:lo + per_rank], z[lo:lo + per_rank]))
+        batches.append(micro)
+    return batches
