@@ -95,7 +95,13 @@ def test_seed_loop_side_by_side(tmp_path):
     assert seed["speedup_vs_seed"] == 1.0
     assert res["ratios"]["gan_dist_fp32_vs_seed"] == fp32["speedup_vs_seed"] > 0
     assert res["ratios"]["gan_dist_defaults_vs_seed"] == default["speedup_vs_seed"] > 0
+    for key, row in (("gan_dist_fp32_vs_seed", fp32), ("gan_dist_defaults_vs_seed", default)):
+        by_round = res["ratios_by_round"][key]
+        assert by_round == [pytest.approx(a / b, abs=2e-3) for a, b in
+                            zip(seed["ms_per_iter_repeats"], row["ms_per_iter_repeats"])]
+        assert len(by_round) == row["repeats"]
     text = md.read_text()
+    assert "gan_dist_defaults_vs_seed, round by round: median" in text
     assert "| seed_loop fp32 (W=1, B=4)" in text and "(defaults)" in text and "Peak matmul" in text
 
 
