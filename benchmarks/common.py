@@ -56,6 +56,7 @@ PARTS = ("data", "D", "G", "opt")  # the split of an iteration; the rest is "oth
 ROW_FIELDS = (
     "label", "impl", "strategy", "world_size", "model", "resolution", "channels", "ngf", "ndf", "nz",
     "params_G", "params_D", "batch_size", "global_batch_size", "precision", "channels_last", "compile",
+    "matmul_conv",
     "data", "is_default", "warmup", "repeats", "iters_per_repeat",
     "ms_per_iter", "ms_per_iter_repeats", "ms_data", "ms_D", "ms_G", "ms_opt", "ms_other",
     "img_per_sec", "img_per_sec_per_gpu",
@@ -74,12 +75,13 @@ def model_overrides(model: str) -> list[str]:
 
 
 def build_config(model: str, batch_size: int, precision: str, strategy: str, channels_last: bool,
-                 compile: bool, overrides: Sequence[str] = ()) -> Config:
+                 compile: bool, overrides: Sequence[str] = (), matmul_conv: str = "auto") -> Config:
     """The run config of one row; `overrides` (`--set key=value`) come last and win."""
     return load_config(None, [*model_overrides(model), f"train.batch_size={batch_size}",
                               f"train.precision={precision}", f"parallel.strategy={strategy}",
                               f"train.channels_last={str(channels_last).lower()}",
-                              f"train.compile={str(compile).lower()}", *overrides])
+                              f"train.compile={str(compile).lower()}", f"train.matmul_conv={matmul_conv}",
+                              *overrides])
 
 
 # ---- clocks ---------------------------------------------------------------------------------
@@ -676,6 +678,7 @@ def num_params(module: torch.nn.Module) -> int:
 def describe(cfg: Config, info: DistInfo, model: str, data_kind: str) -> dict[str, Any]:
     """The fixed part of a row: what was run."""
     from gan_dist.models import build_models
+    from gan_dist.parallel.base import matmul_convs_wanted
 
     G, D = build_models(cfg.model, cfg.run.seed)
     t = cfg.train
@@ -685,6 +688,7 @@ def describe(cfg: Config, info: DistInfo, model: str, data_kind: str) -> dict[st
             "params_G": num_params(G), "params_D": num_params(D),
             "batch_size": t.batch_size, "global_batch_size": per_iter * info.world_size,
             "precision": t.precision, "channels_last": t.channels_last, "compile": t.compile,
+            "matmul_conv": matmul_convs_wanted(t, info.device),
             "data": data_kind, "world_size": info.world_size}
 
 
@@ -712,8 +716,8 @@ class GanDistBench(Bench):
         t = cfg.train
         self.row.update(
             impl=self.impl, strategy=self.strategy.name,
-            is_default=(t.precision, t.channels_last, t.compile) == (defaults.precision, defaults.channels_last,
-                                                                     defaults.compile)
+            is_default=(t.precision, t.channels_last, t.compile, t.matmul_conv)
+            == (defaults.precision, defaults.channels_last, defaults.compile, defaults.matmul_conv)
             and self.strategy.name == resolve_strategy_name("auto", info.world_size),
         )
         self.row["label"] = row_label(self.row)
@@ -748,7 +752,9 @@ class GanDistBench(Bench):
         key = (dataclasses.astuple(m), t.batch_size, t.grad_accum, t.d_steps, t.loss, str(self.device))
         if key not in _FLOPS_CACHE:
             cfg = copy.deepcopy(self.cfg)
+            # the convolutions' own FLOPs (the matmul formulation does the same multiply-adds)
             cfg.train.precision, cfg.train.compile, cfg.train.channels_last = "fp32", False, False
+            cfg.train.matmul_conv = "never"
             eager = Strategy(self.info, cfg.train, cfg.parallel)
             eager.setup(*build_models(cfg.model, cfg.run.seed))
             gen = torch.Generator(device=self.device).manual_seed(0)
@@ -774,6 +780,8 @@ def row_label(row: dict[str, Any]) -> str:
         bits.append("channels_last")
     if row["compile"]:
         bits.append("compile")
+    if row["matmul_conv"]:
+        bits.append("matmul_conv")
     return "gan_dist " + " ".join(bits) + (" (defaults)" if row.get("is_default") else "")
 
 

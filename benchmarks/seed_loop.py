@@ -104,7 +104,7 @@ class SeedLoopBench(common.Bench):
         super().__init__(cfg, info, data_kind, timeline)
         self.row = common.describe(cfg, info, model, data_kind)
         self.row.update(impl=self.impl, strategy="none", precision="fp32", channels_last=False, compile=False,
-                        is_default=False)
+                        matmul_conv=False, is_default=False)
         self.row["label"] = common.row_label(self.row)
         self.loop: Optional[SeedLoop] = None
         self.data: Any = None
@@ -187,7 +187,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         SeedLoopBench(base, info, args.data, timeline, args.model),
         common.GanDistBench(base, info, args.data, timeline, args.model),
         common.GanDistBench(common.build_config(args.model, args.batch_size, d.precision, "auto", d.channels_last,
-                                                d.compile, args.overrides), info, args.data, timeline, args.model),
+                                                d.compile, args.overrides, d.matmul_conv),
+                            info, args.data, timeline, args.model),
     ]
     dtypes = sorted({"fp32", "bf16", d.precision})
     peaks = common.measure_peaks(info.device, dtypes, args.peak_size)

@@ -51,6 +51,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="fix channels_last on or off (default: both)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="fix torch.compile on or off (default: both)")
+    p.add_argument("--matmul-conv", default="auto",
+                   help="comma-separated values of train.matmul_conv to sweep: auto,always,never (default: auto)")
     p.add_argument("--data", default="synthetic", choices=["synthetic", "shards"],
                    help="synthetic: random batches already on the device; shards: the trainer's loader "
                         "on data.urls (default: the demo digits, 1x32x32: use --model dcgan-32)")
@@ -75,8 +77,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def sweep(args: argparse.Namespace, world_size: int, device: torch.device) -> list[tuple[str, str, bool, bool]]:
-    """(strategy, precision, channels_last, compile) of every gan_dist row."""
+def sweep(args: argparse.Namespace, world_size: int,
+          device: torch.device) -> list[tuple[str, str, bool, bool, str]]:
+    """(strategy, precision, channels_last, compile, matmul_conv) of every gan_dist row."""
     if args.strategy in (None, ""):
         strategies = ["none"] if world_size == 1 else ["ddp", "fsdp", "deepspeed"]
     elif args.strategy == "all":
@@ -95,7 +98,11 @@ def sweep(args: argparse.Namespace, world_size: int, device: torch.device) -> li
             raise SystemExit(f"--precision {x!r} is not one of: {', '.join(common.PEAK_DTYPES)}")
     cl = [False, True] if args.channels_last is None else [args.channels_last]
     comp = [False, True] if args.compile is None else [args.compile]
-    return [(s, x, c, k) for s in strategies for x in precisions for c in cl for k in comp]
+    matmul = [x.strip() for x in args.matmul_conv.split(",") if x.strip()]
+    for x in matmul:
+        if x not in ("auto", "always", "never"):
+            raise SystemExit(f"--matmul-conv {x!r} is not one of: auto, always, never")
+    return [(s, x, c, k, m) for s in strategies for x in precisions for c in cl for k in comp for m in matmul]
 
 
 def run(args: argparse.Namespace) -> Optional[dict[str, Any]]:
@@ -107,7 +114,7 @@ def run(args: argparse.Namespace) -> Optional[dict[str, Any]]:
     common.COMM.install()  # before any strategy: DeepSpeed looks the collectives up once
     combos = sweep(args, info.world_size, info.device)
     first = common.build_config(args.model, args.batch_size, combos[0][1], combos[0][0], combos[0][2],
-                                combos[0][3], args.overrides) if combos else None
+                                combos[0][3], args.overrides, combos[0][4]) if combos else None
     if first is not None:
         configure_threads(first, info.local_world_size, info.launcher)
     env = common.environment(info)
@@ -123,11 +130,11 @@ def run(args: argparse.Namespace) -> Optional[dict[str, Any]]:
             benches.append(SeedLoopBench(cfg, info, args.data, timeline, args.model))
         except ValueError as exc:
             skipped.append({"label": "seed_loop fp32", "reason": str(exc)})
-    for strategy, precision, channels_last, compiled in combos:
+    for strategy, precision, channels_last, compiled, matmul_conv in combos:
         cfg = common.build_config(args.model, args.batch_size, precision, strategy, channels_last, compiled,
-                                  args.overrides)
+                                  args.overrides, matmul_conv)
         label = f"gan_dist {strategy} {precision}" + (" channels_last" if channels_last else "") + (
-            " compile" if compiled else "")
+            " compile" if compiled else "") + f" matmul_conv={matmul_conv}"
         try:
             benches.append(common.GanDistBench(cfg, info, args.data, timeline, args.model))
         except ImportError as exc:  # a strategy module or its package is not there (yet)

@@ -41,6 +41,8 @@ class TrainConfig:
     beta2: float = 0.999
     channels_last: bool = True  # NHWC activations into the convolutions (docs/benchmarks.md)
     compile: bool = False  # torch.compile G and D in place; minutes of compiling first (docs/benchmarks.md)
+    # convolutions on grids of <= 64 positions as one matmul (gan_dist/matmul_conv.py): auto = on a CPU
+    matmul_conv: str = "auto"  # auto | always | never
     log_every: int = 25
     sample_every: int = 250
     ckpt_every: int = 500  # also saved at the end and on SIGTERM/SIGUSR1/SIGINT
@@ -135,6 +137,7 @@ class Config:
 
 CHOICES = {
     "train.precision": ("fp32", "bf16", "fp16"),
+    "train.matmul_conv": ("auto", "always", "never"),
     "train.loss": ("nonsaturating", "minimax"),
     "model.arch": ("dcgan",),
     "model.resolution": (32, 64),

@@ -164,4 +164,4 @@ def test_scaling_and_ddp_communication_is_the_minimum(tmp_path):
     else:
         assert any(s["label"].startswith("gan_dist fsdp") for s in res["skipped"])
     text = md.read_text()
-    assert "| gan_dist ddp fp32 | 2 |" in text and "efficiency" in text
+    assert "| gan_dist ddp fp32 matmul_conv | 2 |" in text and "efficiency" in text

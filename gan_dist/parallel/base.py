@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from gan_dist.distributed import DistInfo
+from gan_dist.matmul_conv import use_matmul_convs
 
 NAMES = ("G", "D")
 MODELS_FILE = "models.pt"  # inside a checkpoint directory: replicated strategies' state
@@ -58,6 +59,14 @@ def skips_on_device(opt: torch.optim.Optimizer) -> bool:
     """Whether `opt.step()` honours an `opt.found_inf` tensor (torch's fused optimizers): it then
     skips the update on the device, with no host sync."""
     return bool(getattr(opt, "_step_supports_amp_scaling", False)) and bool(opt.defaults.get("fused"))
+
+
+def matmul_convs_wanted(train_cfg: Any, device: torch.device) -> bool:
+    """train.matmul_conv: `always`, `never`, or `auto`: on a CPU in eager mode, where oneDNN's
+    direct kernels are slow on small grids (cuDNN is not, and inductor picks its own kernels)."""
+    if train_cfg.matmul_conv == "auto":
+        return device.type == "cpu" and not train_cfg.compile
+    return train_cfg.matmul_conv == "always"
 
 
 def channels_last_activations(module: nn.Module) -> None:
@@ -121,10 +130,13 @@ class Strategy:
             self.optimizers[name] = self.make_optimizer(self.wrapped[name], name)
 
     def prepare_module(self, module: nn.Module, name: str) -> nn.Module:
-        """On the device, with the speed settings of train.channels_last and train.compile."""
+        """On the device, with the speed settings of train.channels_last, train.matmul_conv and
+        train.compile."""
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN picks its fastest kernels once
         module = module.to(self.device)
+        if matmul_convs_wanted(self.train_cfg, self.device):
+            use_matmul_convs(module)
         if self.train_cfg.channels_last:
             channels_last_activations(module)
         if self.train_cfg.compile:
