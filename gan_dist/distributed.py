@@ -12,6 +12,8 @@ import datetime
 import gc
 import os
 import subprocess
+import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -102,11 +104,75 @@ def init_distributed(timeout_s: Optional[float] = None) -> DistInfo:
     if timeout_s is None:
         timeout_s = float(os.environ.get("GAN_DIST_PG_TIMEOUT", 1800))
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, rank=info["rank"], world_size=info["world_size"],
-                                timeout=datetime.timedelta(seconds=timeout_s),
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = None
+        if uses_agent_store():
+            store = attempt_store(info["rank"], info["world_size"], timeout)
+        dist.init_process_group(backend=backend, store=store, rank=info["rank"],
+                                world_size=info["world_size"], timeout=timeout,
                                 device_id=device if backend == "nccl" else None)
     return DistInfo(info["rank"], info["world_size"], info["local_rank"],
                     info["local_world_size"], info["node_rank"], device, backend, info["launcher"])
+
+
+# ---- a fresh store namespace for every restart under torchrun -------------------------------------
+# torchrun (and `accelerate launch`, which runs torch's elastic agent) hosts one TCPStore in the
+# agent for the whole job (TORCHELASTIC_USE_AGENT_STORE=True, at MASTER_ADDR:MASTER_PORT) and
+# keeps it across restarts (--max-restarts): the static and the c10d rendezvous create it once.
+# `init_process_group(init_method="env://")` uses that store without any per-attempt prefix, so
+# the restarted workers find the keys the killed attempt wrote: gloo reads the dead peer's
+# address and retries it, or waits for a connection that never comes, until the group timeout
+# (NCCL reads the old unique id). Whether it happens depends on which rank reaches the store
+# first, hence "sometimes". TORCHELASTIC_RESTART_COUNT is no cure: it is counted by each agent,
+# and agents that restart for a membership change do not count it.
+_AGENT_PREFIX = "gan_dist/pg"
+
+
+def uses_agent_store(env: Optional[dict] = None) -> bool:
+    env = os.environ if env is None else env
+    return (env.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and bool(env.get("MASTER_ADDR"))
+            and bool(env.get("MASTER_PORT")))
+
+
+def agree_on_attempt(store: Any, rank_: int, world_size_: int, timeout: datetime.timedelta) -> str:
+    """A key prefix that every rank of THIS attempt agrees on and no earlier attempt used.
+
+    Keys left by a killed attempt are still in the agent's store, so nothing read there can be
+    trusted to be fresh, except an answer to a question nobody asked before: every rank > 0
+    posts a new random token, and only a live rank 0 answers it, with its own new random id.
+    (When the workers of an attempt start, the agents have stopped all workers of the earlier
+    one.) Rank 0 keeps answering until every rank has confirmed under the new id.
+    """
+    if rank_ != 0:
+        token = uuid.uuid4().hex
+        store.set(f"{_AGENT_PREFIX}/hello/{rank_}", token)
+        attempt = store.get(f"{_AGENT_PREFIX}/welcome/{token}").decode()  # waits up to `timeout`
+        store.add(f"{_AGENT_PREFIX}/{attempt}/joined", 1)
+        return attempt
+    attempt = uuid.uuid4().hex
+    hellos = [f"{_AGENT_PREFIX}/hello/{r}" for r in range(1, world_size_)]
+    answered: set[str] = set()
+    deadline = time.monotonic() + timeout.total_seconds()
+    while True:
+        # every rank's latest token: this attempt's, or a stale one that nobody waits for
+        tokens = {t.decode() for t in store.multi_get(hellos)} - answered
+        if tokens:
+            store.multi_set([f"{_AGENT_PREFIX}/welcome/{t}" for t in tokens], [attempt] * len(tokens))
+            answered |= tokens
+        if store.add(f"{_AGENT_PREFIX}/{attempt}/joined", 0) >= world_size_ - 1:
+            return attempt
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"rank 0: not all {world_size_} ranks joined the process group within "
+                               f"{timeout.total_seconds():.0f}s")
+        time.sleep(0.01)
+
+
+def attempt_store(rank_: int, world_size_: int, timeout: datetime.timedelta) -> Any:
+    """The launcher agent's store, seen through a prefix that is new for this attempt."""
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size_,
+                          is_master=False, timeout=timeout)
+    attempt = agree_on_attempt(store, rank_, world_size_, timeout)
+    return dist.PrefixStore(f"{_AGENT_PREFIX}/{attempt}/default_pg", store)
 
 
 def is_distributed() -> bool:
