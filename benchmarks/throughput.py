@@ -20,12 +20,14 @@ per world size with torchrun on this node and reports the scaling efficiency.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Optional, Sequence
 
 if __package__ in (None, ""):
@@ -35,6 +37,7 @@ import torch  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from benchmarks.seed_loop import SeedLoopBench  # noqa: E402
+from gan_dist.parallel.base import matmul_convs_wanted  # noqa: E402
 
 STRATEGIES = ("none", "ddp", "fsdp", "deepspeed")
 
@@ -102,7 +105,14 @@ def sweep(args: argparse.Namespace, world_size: int,
     for x in matmul:
         if x not in ("auto", "always", "never"):
             raise SystemExit(f"--matmul-conv {x!r} is not one of: auto, always, never")
-    return [(s, x, c, k, m) for s in strategies for x in precisions for c in cl for k in comp for m in matmul]
+    combos, seen = [], set()
+    for s, x, c, k, m in itertools.product(strategies, precisions, cl, comp, matmul):
+        # values of train.matmul_conv that come to the same (e.g. auto and never under compile): one row
+        effective = matmul_convs_wanted(SimpleNamespace(matmul_conv=m, compile=k), device)
+        if (s, x, c, k, effective) not in seen:
+            seen.add((s, x, c, k, effective))
+            combos.append((s, x, c, k, m))
+    return combos
 
 
 def run(args: argparse.Namespace) -> Optional[dict[str, Any]]:
