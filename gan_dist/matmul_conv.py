@@ -114,16 +114,14 @@ class _ConvTranspose2d(torch.autograd.Function):
         return grad_x, grad_w, None, None, None
 
 
-def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.dtype]:
-    """The dtype autocast would run a convolution in, or None outside autocast."""
+def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast would run a convolution on `x` in, or None outside autocast."""
     device = x.device.type
-    if torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return None
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
 
 def _run(fn: type, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], *args) -> torch.Tensor:
-    dtype = _compute_dtype(x, weight)
+    dtype = _autocast_dtype(x)
     if dtype is not None:
         x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
