@@ -152,7 +152,8 @@ class Trainer:
         """Hand this step's stop signal and non-finite counters to the ranks' agreement and act
         on the agreed record of the step before (of this step too when it is the last): warn of
         skipped updates, stop after too many in a row. Returns the signal to stop for, if any."""
-        values = torch.stack([torch.tensor(float(stop.code), device=self.device),
+        # torch.full fills on the device; torch.tensor(x, device=cuda) would copy and wait for the stream
+        values = torch.stack([torch.full((), float(stop.code), device=self.device),
                               *[v.float() for v in self.guard.values()]])
         records = [agreement.exchange(self.step, values)]
         if last:
