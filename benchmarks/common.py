@@ -846,6 +846,8 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append("mem: peak resident set of the process above its size before the row's setup.")
     else:
         lines.append("mem: torch.cuda.max_memory_allocated during the row.")
+    if result.get("summary"):
+        lines += ["", result["summary"]]
     return "\n".join(lines) + "\n"
 
 

@@ -203,19 +203,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     env["other_processes_cpu_cores"] = other.cores()
     by_round = {"gan_dist_fp32_vs_seed": round_ratios(rows[0], rows[1]),
                 "gan_dist_defaults_vs_seed": round_ratios(rows[0], rows[2])}
-    result = {"benchmark": "seed_loop", "env": env, "peak_flops_per_sec": peaks, "rows": rows, "skipped": [],
-              "ratios": {"gan_dist_fp32_vs_seed": rows[1]["speedup_vs_seed"],
-                         "gan_dist_defaults_vs_seed": rows[2]["speedup_vs_seed"]},
-              "ratios_by_round": by_round}
-    text = common.write_outputs(result, args.json, None, None)
     summary = (f"gan_dist fp32 / seed loop: {rows[1]['speedup_vs_seed']:.2f}x; "
                f"gan_dist defaults ({rows[2]['label']}) / seed loop: {rows[2]['speedup_vs_seed']:.2f}x "
                "(medians of the rows).\n" + describe_rounds(by_round))
-    text += "\n" + summary + "\n"
-    if args.md:
-        Path(args.md).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.md).write_text(text)
-    print(text)
+    result = {"benchmark": "seed_loop", "env": env, "peak_flops_per_sec": peaks, "rows": rows, "skipped": [],
+              "ratios": {"gan_dist_fp32_vs_seed": rows[1]["speedup_vs_seed"],
+                         "gan_dist_defaults_vs_seed": rows[2]["speedup_vs_seed"]},
+              "ratios_by_round": by_round, "summary": summary}
+    print(common.write_outputs(result, args.json, args.md, None))
     teardown()
     return result
 

@@ -37,6 +37,7 @@ import torch  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from benchmarks.seed_loop import SeedLoopBench  # noqa: E402
+from gan_dist.config import CHOICES  # noqa: E402
 from gan_dist.parallel.base import matmul_convs_wanted  # noqa: E402
 
 STRATEGIES = ("none", "ddp", "fsdp", "deepspeed")
@@ -102,9 +103,10 @@ def sweep(args: argparse.Namespace, world_size: int,
     cl = [False, True] if args.channels_last is None else [args.channels_last]
     comp = [False, True] if args.compile is None else [args.compile]
     matmul = [x.strip() for x in args.matmul_conv.split(",") if x.strip()]
+    allowed = CHOICES["train.matmul_conv"]
     for x in matmul:
-        if x not in ("auto", "always", "never"):
-            raise SystemExit(f"--matmul-conv {x!r} is not one of: auto, always, never")
+        if x not in allowed:
+            raise SystemExit(f"--matmul-conv {x!r} is not one of: {', '.join(allowed)}")
     combos, seen = [], set()
     for s, x, c, k, m in itertools.product(strategies, precisions, cl, comp, matmul):
         # values of train.matmul_conv that come to the same (e.g. auto and never under compile): one row

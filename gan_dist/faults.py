@@ -83,8 +83,7 @@ class StepAgreement:
     Every rank reads the record of step t after step t+1, so all of them act at the same step.
     """
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
+    def __init__(self) -> None:
         self._pending: Optional[tuple[int, Any, torch.Tensor, Any]] = None
 
     def exchange(self, step: int, values: torch.Tensor) -> Optional[tuple[int, list[float]]]:

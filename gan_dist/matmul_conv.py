@@ -37,9 +37,8 @@ def _unfold(x: torch.Tensor, k: Pair, s: Pair, p: Pair, out: Pair) -> torch.Tens
 
 def _fold(cols: torch.Tensor, B: int, size: Pair, C: int, k: Pair, s: Pair, p: Pair, out: Pair) -> torch.Tensor:
     """The adjoint of `_unfold`: rows [B * oh * ow, kh * kw * C] summed back into [B, H, W, C]."""
-    H, W = size
-    grid = cols.new_zeros(B, max(H + 2 * p[0], (out[0] - 1) * s[0] + k[0]),
-                          max(W + 2 * p[1], (out[1] - 1) * s[1] + k[1]), C)
+    H, W = size  # the patches end inside the padded grid: (out - 1) * s + k <= H + 2p
+    grid = cols.new_zeros(B, H + 2 * p[0], W + 2 * p[1], C)
     patches = cols.view(B, out[0], out[1], k[0], k[1], C)
     for i in range(k[0]):
         for j in range(k[1]):

@@ -115,7 +115,7 @@ class Trainer:
         if self.step == 0 and self.cfg.eval.every:
             self.evaluate()  # the untrained generator: where the metric curves start
         with StopSignals() as stop:
-            agreement = StepAgreement(self.device)
+            agreement = StepAgreement()
             while self.step < t.steps:
                 batches = self.inject(self.step + 1, self.next_batches())
                 self.guard.before_step()
