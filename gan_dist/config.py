@@ -173,7 +173,9 @@ def validate(cfg: Config) -> None:
         value = _get(cfg, key)
         if value not in allowed:
             shown = ", ".join("null" if a is None else str(a) for a in allowed)
-            raise ConfigError(f"{key}={value!r} is not one of: {shown}")
+            hint = (" (YAML reads on/off/yes/no/true/false as a boolean)"
+                    if value in ("True", "False", True, False) else "")
+            raise ConfigError(f"{key}={value!r} is not one of: {shown}{hint}")
     for key in POSITIVE:
         if _get(cfg, key) <= 0:
             raise ConfigError(f"{key}={_get(cfg, key)!r} must be a positive integer")

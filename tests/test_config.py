@@ -72,3 +72,9 @@ def test_accelerate_settings_are_honoured_or_refused():
         apply_launcher_requests(load_config(), None, [], {"ACCELERATE_MIXED_PRECISION": "fp8"})
     with pytest.raises(ConfigError, match="dynamo"):
         apply_launcher_requests(load_config(), None, [], {"ACCELERATE_DYNAMO_BACKEND": "EAGER"})
+
+
+def test_a_choice_that_yaml_read_as_a_boolean_is_explained():
+    with pytest.raises(ConfigError, match=r"train\.matmul_conv='False' is not one of: auto, always, never "
+                                          r"\(YAML reads on/off"):
+        load_config(None, ["train.matmul_conv=off"])
