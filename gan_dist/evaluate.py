@@ -20,7 +20,8 @@ from typing import Any, Optional
 
 import torch
 
-from gan_dist.generate import add_weights_args, load_generator, run_cli
+from gan_dist.cli import add_weights_args, run_cli
+from gan_dist.generate import load_generator
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

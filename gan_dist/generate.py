@@ -18,16 +18,17 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
-EXIT_USAGE = 2
+from gan_dist.cli import UsageError, add_weights_args, run_cli
+
 GRID_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
-class GeneratorSourceError(ValueError):
+class GeneratorSourceError(UsageError):
     """--ckpt names something that holds no generator; the message says what was looked for."""
 
 
@@ -260,34 +261,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     if args.batch_size < 1 or args.shard_size < 1:
         p.error("--batch-size and --shard-size must be >= 1")
     return args
-
-
-def add_weights_args(p: argparse.ArgumentParser) -> None:
-    """--ckpt's weights: --ema / --no-ema (default: EMA when the run has it)."""
-    ema = p.add_mutually_exclusive_group()
-    ema.add_argument("--ema", dest="ema", action="store_true", default=None, help="require the EMA weights")
-    ema.add_argument("--no-ema", dest="ema", action="store_false", help="use the training weights")
-
-
-def run_cli(prog: str, body: Callable[[Any], None], usage_errors: tuple[type, ...] = ()) -> int:
-    """Run `body(info)` in a process group formed from the launcher's environment (one process
-    without one), each process with its share of the cores. A bad --ckpt, config or data is a
-    one-line error and exit code 2; the group is torn down either way."""
-    from gan_dist import distributed as gdist
-    from gan_dist.config import ConfigError
-
-    info = gdist.init_distributed()
-    code = 1
-    try:
-        torch.set_num_threads(max(1, torch.get_num_threads() // max(1, info.local_world_size)))
-        body(info)
-        code = 0
-    except (GeneratorSourceError, ConfigError, *usage_errors) as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        code = EXIT_USAGE
-    finally:
-        gdist.teardown(clean=code == 0)
-    return code
 
 
 def main(argv: Optional[list[str]] = None) -> int:
