@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from gan_dist.data.index import MANIFEST, DataError
+from gan_dist.data.manifest import MANIFEST, DataError
 
 EXIT_USAGE = 2
 

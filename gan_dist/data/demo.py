@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gan_dist.data.writer import WriteOptions, iter_jobs_from_arrays, write_shards
+
 DEMO_NAME = "digits32-v2"
 DEMO_SHARDS = 16  # enough for 8 ranks x 2 workers to get whole shards
 
@@ -74,8 +76,6 @@ def write_demo(out: Path, fmt: str = "png", resolution: int | None = None, worke
                progress: bool = False, max_count: int | None = None) -> dict:
     """The demo digits as shards of `max_count` samples (default: DEMO_SHARDS shards; classes
     mixed across shards) with a manifest, upscaled to `resolution` when given."""
-    from gan_dist.data.writer import WriteOptions, iter_jobs_from_arrays, write_shards
-
     images, labels = demo_images()
     order = np.random.default_rng(0).permutation(len(images))  # mix classes across shards
     jobs = list(iter_jobs_from_arrays(images, labels, order))

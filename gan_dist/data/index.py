@@ -13,7 +13,6 @@ failing that, from reading the tar headers once at startup.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import sys
 import time
@@ -22,15 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from gan_dist.data.demo import ensure_demo_shards
+from gan_dist.data.manifest import MANIFEST, META_KEYS, DataError, read_manifest
 from gan_dist.data.tario import TarError, is_remote, iter_samples, local_path, open_shard, shard_size
 
-MANIFEST = "manifest.json"
-MANIFEST_KIND = "gan_dist-shards"
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-
-
-class DataError(ValueError):
-    """A problem with `data.urls` or the shards it names; the message names the URL."""
 
 
 @dataclass
@@ -64,32 +59,6 @@ def _refuse_remote(url: str, allow_pipe: bool) -> None:
             "so it is refused unless data.allow_pipe=true")
 
 
-def read_manifest(path: Path) -> dict[str, Any]:
-    """A manifest as {"urls", "counts", "bytes", "resolution", "channels", "image_format"}."""
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise DataError(f"data.urls: manifest {str(path)!r} cannot be read: {exc}") from None
-    if isinstance(meta, dict) and isinstance(meta.get("shards"), list):  # ours
-        entries = [(s.get("name"), s.get("count"), s.get("bytes")) for s in meta["shards"]]
-    elif isinstance(meta, dict) and isinstance(meta.get("shardlist"), list):  # webdataset wids
-        entries = [(s.get("url"), s.get("nsamples"), None) for s in meta["shardlist"]]
-    else:
-        raise DataError(f"data.urls: {str(path)!r} is not a shard manifest (no 'shards' or 'shardlist' list)")
-    urls, counts, sizes = [], [], []
-    for name, count, size in entries:
-        if not isinstance(name, str):
-            raise DataError(f"data.urls: manifest {str(path)!r} has a shard entry without a name")
-        urls.append(name if is_remote(name) or os.path.isabs(name) else str(path.parent / name))
-        counts.append(int(count) if isinstance(count, int) else None)
-        sizes.append(int(size) if isinstance(size, int) else None)
-    out = {"urls": urls, "counts": counts, "bytes": sizes}
-    for key, alias in (("resolution", None), ("channels", None), ("image_format", "format")):
-        value = meta.get(key, meta.get(alias) if alias else None)
-        out[key] = value
-    return out
-
-
 def expand_urls(urls: str | Sequence[str], allow_pipe: bool = False) -> list[str]:
     """Brace patterns, lists, directories and manifests -> a list of shard URLs."""
     return _expand(urls, allow_pipe)[0]
@@ -102,7 +71,6 @@ def _expand(urls: str | Sequence[str], allow_pipe: bool) -> tuple[list[str], dic
     items = [urls] if isinstance(urls, str) else list(urls)
     out: list[str] = []
     known: dict[str, dict[str, Any]] = {}
-    meta_keys = ("resolution", "channels", "image_format")
     missing: list[str] = []
 
     def add_manifest(path: Path) -> None:
@@ -112,7 +80,7 @@ def _expand(urls: str | Sequence[str], allow_pipe: bool) -> tuple[list[str], dic
             if not is_remote(url) and not os.path.isfile(local_path(url)):
                 raise DataError(f"data.urls: shard {url!r} listed in {str(path)!r} does not exist")
             out.append(url)
-            known[url] = {"count": m["counts"][i], "bytes": m["bytes"][i], **{k: m[k] for k in meta_keys}}
+            known[url] = {"count": m["counts"][i], "bytes": m["bytes"][i], **{k: m[k] for k in META_KEYS}}
 
     for item in items:
         if not isinstance(item, str) or not item:
@@ -165,9 +133,7 @@ def _sibling_manifest_counts(urls: list[str], known: dict[str, dict[str, Any]]) 
                     m = None
                 if m is not None:
                     cache[folder] = {str(Path(u).resolve()): {"count": m["counts"][i], "bytes": m["bytes"][i],
-                                                              "resolution": m["resolution"],
-                                                              "channels": m["channels"],
-                                                              "image_format": m["image_format"]}
+                                                              **{k: m[k] for k in META_KEYS}}
                                      for i, u in enumerate(m["urls"])}
         entry = (cache[folder] or {}).get(str(path.resolve()))
         if entry is not None:
@@ -197,8 +163,6 @@ def count_shard(url: str) -> tuple[int, Optional[str]]:
 def resolve_shards(data_cfg: Any, need_counts: bool,
                    log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> ShardSet:
     """Expand `data.urls` (demo digits when unset), check every local shard exists, find counts."""
-    from gan_dist.data.demo import ensure_demo_shards
-
     if data_cfg.urls in (None, "", []):
         urls, known = _expand(str(Path(ensure_demo_shards()[0]).parent), allow_pipe=False)
     else:

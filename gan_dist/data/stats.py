@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from gan_dist.data.decode import REASON_TEXT, REASONS
-from gan_dist.data.index import DataError
+from gan_dist.data.manifest import DataError
 
 WORST_SHARDS = 5
 

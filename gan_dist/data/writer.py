@@ -10,8 +10,10 @@ same input and seed always give byte-identical shards.
 Each sample is `{key}.{png|jpg|npy}` plus `{key}.cls` (the class index, ASCII) when the
 image sits in a sub-folder (the class, as with torchvision's ImageFolder). `raw` stores the
 decoded uint8 array (H, W, C) as .npy, so reading it costs no decode. The manifest
-(manifest.json) lists every shard with its sample count, size and SHA-256, plus the
-resolution, channels, format, class names, and the files that could not be read.
+(manifest.json) lists every shard with its sample count, size and SHA-256, plus what the
+written images are (resolution: their side, or null when sizes differ; channels; format;
+num_classes: max label + 1; labelled: samples with a label), the class names, and the files
+that could not be read.
 """
 from __future__ import annotations
 
@@ -28,12 +30,11 @@ from typing import Any, BinaryIO, Callable, Iterable, Iterator, Optional, Sequen
 
 import numpy as np
 
-from gan_dist.data.index import MANIFEST, MANIFEST_KIND, DataError
+from gan_dist.data.manifest import MANIFEST, DataError, write_manifest
 
 FORMATS = {"png": "png", "jpg": "jpg", "raw": "npy"}  # --format -> member extension
 SOURCE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MAX_SKIPPED_LISTED = 10_000
-MANIFEST_VERSION = 1
 
 
 # ---- one image ------------------------------------------------------------------------------
@@ -189,16 +190,6 @@ class ShardSink:
         return self.entries
 
 
-def write_manifest(out: str | Path, entries: list[dict[str, Any]], **meta: Any) -> Path:
-    path = Path(out) / MANIFEST
-    manifest = {"kind": MANIFEST_KIND, "version": MANIFEST_VERSION, **meta,
-                "total": int(sum(e["count"] for e in entries)), "shards": entries}
-    tmp = path.with_suffix(".json.partial")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, path)
-    return path
-
-
 # ---- a folder tree ----------------------------------------------------------------------------
 @dataclass
 class Job:
@@ -218,8 +209,11 @@ class WriteOptions:
     quality: int = 95
 
 
-def _prepare(args: tuple[Job, WriteOptions]) -> tuple[int, Optional[int], Optional[bytes], Optional[str], Optional[str]]:
-    """(index, label, encoded bytes or None, path, error) - runs in the pool."""
+Prepared = tuple[int, Optional[int], Optional[bytes], Optional[tuple[int, ...]], Optional[str], Optional[str]]
+
+
+def _prepare(args: tuple[Job, WriteOptions]) -> Prepared:
+    """(index, label, encoded bytes or None, (H, W, C), path, error) - runs in the pool."""
     job, opt = args
     try:
         if job.array is not None:
@@ -227,9 +221,13 @@ def _prepare(args: tuple[Job, WriteOptions]) -> tuple[int, Optional[int], Option
         else:
             assert job.path is not None
             arr = load_image(job.path, opt.channels, opt.resolution)
-        return job.index, job.label, encode(arr, opt.fmt, opt.quality), job.path, None
+        return job.index, job.label, encode(arr, opt.fmt, opt.quality), tuple(arr.shape), job.path, None
     except Exception as exc:  # noqa: BLE001 - any unreadable image is skipped and reported
-        return job.index, job.label, None, job.path, f"{type(exc).__name__}: {exc}"
+        return job.index, job.label, None, None, job.path, f"{type(exc).__name__}: {exc}"
+
+
+def _common(values: set[Any]) -> Any:
+    return next(iter(values)) if len(values) == 1 else None
 
 
 def find_images(src: str | Path) -> tuple[list[tuple[str, Optional[int]]], list[str]]:
@@ -265,6 +263,10 @@ def write_shards(jobs: Sequence[Job], out: str | Path, name: str, opt: WriteOpti
     ext = FORMATS[opt.fmt]
     skipped: list[dict[str, str]] = []
     n_skipped = 0
+    # what the images turned out to be, for the manifest: a model can take its shape from it
+    sides: set[Optional[int]] = set()
+    channels: set[int] = set()
+    labelled, num_classes = 0, 0
     started = time.time()
     bar = tqdm(total=len(jobs), desc=f"shards {name}", unit="img", disable=not progress, file=sys.stderr,
                dynamic_ncols=True, mininterval=0.5)
@@ -278,7 +280,7 @@ def write_shards(jobs: Sequence[Job], out: str | Path, name: str, opt: WriteOpti
     else:
         items = map(_prepare, ((j, opt) for j in jobs))
     try:
-        for index, label, data, path, error in items:
+        for index, label, data, shape, path, error in items:
             bar.update(1)
             if data is None:
                 n_skipped += 1
@@ -286,9 +288,14 @@ def write_shards(jobs: Sequence[Job], out: str | Path, name: str, opt: WriteOpti
                     skipped.append({"path": str(path), "error": str(error)})
                 bar.write(f"skipped {path}: {error}", file=sys.stderr)
                 continue
+            assert shape is not None
+            sides.add(shape[0] if shape[0] == shape[1] else None)
+            channels.add(shape[2])
             members = {ext: data}
             if label is not None:
                 members["cls"] = str(label).encode()
+                labelled += 1
+                num_classes = max(num_classes, label + 1)
             sink.write(f"{index:0{key_width}d}", members)
     finally:
         if pool is not None:
@@ -298,7 +305,8 @@ def write_shards(jobs: Sequence[Job], out: str | Path, name: str, opt: WriteOpti
     entries = sink.close()
     if not entries:
         raise DataError(f"no image could be written to {str(out)!r} ({n_skipped} skipped)")
-    manifest_meta = {"name": name, "format": opt.fmt, "resolution": opt.resolution, "channels": opt.channels,
+    manifest_meta = {"name": name, "format": opt.fmt, "resolution": _common(sides), "channels": _common(channels),
+                     "num_classes": num_classes, "labelled": labelled,
                      **meta, "skipped": {"count": n_skipped, "files": skipped}}
     path = write_manifest(out, entries, **manifest_meta)
     total = sum(e["count"] for e in entries)
