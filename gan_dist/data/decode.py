@@ -103,9 +103,8 @@ def _decode_compressed(data: bytes) -> np.ndarray:
     return img.numpy()
 
 
-def decode_sample(members: dict[str, Optional[bytes]], channels: int, resolution: int) -> np.ndarray:
-    """The sample's image as uint8 (channels, resolution, resolution), possibly a read-only
-    view of the sample's bytes; or BadSample."""
+def decode_stored(members: dict[str, Optional[bytes]]) -> np.ndarray:
+    """The sample's image as stored: uint8 (C, H, W) of any size and channel count; or BadSample."""
     ext = next((e for e in SAMPLE_IMAGE_EXTS if e in members), None)
     if ext is None:
         shown = ", ".join(sorted(members)) or "none"
@@ -113,7 +112,13 @@ def decode_sample(members: dict[str, Optional[bytes]], channels: int, resolution
     data = members[ext]
     if not data:
         raise BadSample("corrupt", f"empty .{ext} member")
-    img = _decode_raw(data) if ext == RAW_EXT else _decode_compressed(data)
+    return _decode_raw(data) if ext == RAW_EXT else _decode_compressed(data)
+
+
+def decode_sample(members: dict[str, Optional[bytes]], channels: int, resolution: int) -> np.ndarray:
+    """The sample's image as uint8 (channels, resolution, resolution), possibly a read-only
+    view of the sample's bytes; or BadSample."""
+    img = decode_stored(members)
     c, h, w = img.shape
     if (h, w) != (resolution, resolution):
         raise BadSample("wrong_size", f"image is {w}x{h}, expected {resolution}x{resolution}")
