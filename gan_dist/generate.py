@@ -181,7 +181,7 @@ def write_grid(G: nn.Module, n: int, out: Path, seed: int, batch_size: int, devi
                image_shape: tuple[int, int, int]) -> None:
     """All N images gathered on rank 0 into one grid PNG."""
     from gan_dist import distributed as gdist
-    from gan_dist.logging import save_grid
+    from gan_dist.runlog import save_grid
     from gan_dist.metrics.shares import gather_rows, share, share_counts
 
     start, end = share(n, gdist.rank(), gdist.world_size())

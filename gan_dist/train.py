@@ -7,19 +7,12 @@
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
+from typing import Any, Optional
 
-if __package__ in (None, ""):  # run as a file (accelerate launch gan_dist/train.py):
-    # the package directory must not shadow the standard library (gan_dist/logging.py)
-    _HERE = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-    sys.path.insert(0, os.path.dirname(_HERE))
-
-import argparse  # noqa: E402
-from typing import Any, Optional  # noqa: E402
-
-from gan_dist.config import ConfigError, load_config, to_yaml, validate, was_set  # noqa: E402
+from gan_dist.config import ConfigError, load_config, to_yaml, validate, was_set
 
 EXIT_CONFIG = 2
 

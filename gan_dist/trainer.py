@@ -25,7 +25,7 @@ from gan_dist.distributed import DistInfo
 from gan_dist.ema import build_ema
 from gan_dist.faults import (EXIT_RETRY, FaultInjector, NonFiniteError, NonFiniteGuard, StepAgreement,
                              StopSignals, signal_name)
-from gan_dist.logging import RunLogger, Throughput, save_grid
+from gan_dist.runlog import RunLogger, Throughput, save_grid
 from gan_dist.loop import train_step
 from gan_dist.models import build_models
 from gan_dist.parallel import build_strategy

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Train on a SLURM cluster: one `accelerate launch` per node, started by srun.
 #
-#   mkdir -p logs && sbatch [--nodes N] launch/slurm.sh [--config FILE] [key=value ...]
+#   sbatch [--nodes N] launch/slurm.sh [--config FILE] [key=value ...]
+#
+# The job's output goes to slurm-<job name>-<job id>.out in the submit directory (SLURM opens
+# it before this script runs, so it must not name a folder that may not exist).
 #
 # Near the time limit SLURM sends USR1 to this script (--signal=B:USR1@...); on preemption it
 # sends TERM. Either way every rank finishes its step, writes a checkpoint and exits with the
@@ -17,7 +20,7 @@
 #SBATCH --signal=B:USR1@120
 #SBATCH --requeue
 #SBATCH --open-mode=append
-#SBATCH --output=logs/%x-%j.out
+#SBATCH --output=slurm-%x-%j.out
 # GPU clusters: request the node's GPUs, e.g.
 ##SBATCH --gpus-per-node=8
 # ------------------------------------------------------------------------------------------

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import time
 from pathlib import Path
 
@@ -26,7 +28,6 @@ def job_env(cluster, **extra: str) -> dict:
 
 
 def submit(cluster, tmp_path: Path, *args: str, sbatch_args: tuple = (), **extra: str):
-    (tmp_path / "logs").mkdir(exist_ok=True)
     env = job_env(cluster, **extra)
     r = slurm_cmd("sbatch", "--parsable", *sbatch_args, SCRIPT, *args, env=env, cwd=tmp_path)
     return r, env
@@ -49,6 +50,31 @@ def test_sbatch_runs_one_job_of_the_right_world_size(slurm_cluster, tmp_path, no
     assert info["world_size"] == nodes * nproc and info["num_nodes"] == nodes, out
     assert info["strategy"] == "ddp" and info["status"] == "finished"
     assert info["steps"] == 4
+
+
+def test_bare_sbatch_from_a_fresh_checkout_runs_on_two_nodes(slurm_cluster, tmp_path):
+    """The command as README shows it, typed in a checkout nobody prepared (no logs/ folder, no
+    GAN_DIST_REPO or PYTHON set, only the virtual environment on PATH)."""
+    checkout = tmp_path / "checkout"
+    for part in ("gan_dist", "launch", "configs"):
+        shutil.copytree(REPO / part, checkout / part, ignore=shutil.ignore_patterns("__pycache__"))
+    env = base_env()
+    env.pop("PYTHONPATH", None)
+    env.update(slurm_cluster.env)
+    env["PATH"] = f"{Path(PYTHON).parent}{os.pathsep}{env['PATH']}"
+    r = slurm_cmd("sbatch", "--nodes", "2", "launch/slurm.sh", *TINY, env=env, cwd=checkout)
+    assert r.returncode == 0, r.stdout + r.stderr
+    job = int(re.fullmatch(r"Submitted batch job (\d+)\s*", r.stdout).group(1))
+    state = wait_job(job, timeout=240, env=env)
+    log = checkout / f"slurm-gan_dist-{job}.out"  # in the submit directory, as SLURM users expect
+    assert log.is_file(), sorted(p.name for p in checkout.iterdir())
+    out = log.read_text()
+    assert state == "COMPLETED", out
+    assert job_info(job, env=env)["StdOut"] == str(log)
+    assert "nodes=2 processes/node=1 world=2" in out and "training finished" in out, out
+    info = run_info(checkout / "runs" / f"slurm-{job}")
+    assert info["world_size"] == 2 and info["num_nodes"] == 2 and info["status"] == "finished", out
+    assert not (checkout / "logs").exists()
 
 
 def test_missing_config_file_fails_the_job_with_a_clear_error(slurm_cluster, tmp_path):

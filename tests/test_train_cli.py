@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pkgutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -40,6 +42,23 @@ def check_run(run_dir: Path, world_size: int, launcher: str) -> dict:
     assert (run_dir / "samples.png").is_file() and (run_dir / "config.yaml").is_file()
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
     return info
+
+
+def test_no_module_of_the_package_shadows_another_when_train_py_runs_as_a_file():
+    """Run as a file, train.py puts gan_dist/ first on sys.path: a module there named like one of
+    the standard library or of an installed package (gan_dist/logging.py once) would be imported
+    in its place, by torch as much as by gan_dist."""
+    package_dir = REPO / "gan_dist"
+    ours = {m.name for m in pkgutil.iter_modules([str(package_dir)])}
+    elsewhere = {m.name for m in pkgutil.iter_modules()
+                 if Path(getattr(m.module_finder, "path", "")).resolve() != package_dir.resolve()}
+    assert "runlog" in ours  # the package directory was read
+    assert ours & (elsewhere | set(sys.stdlib_module_names)) == set()
+
+
+def test_print_config_run_as_a_file(tmp_path):
+    out = run([PYTHON, TRAIN, "--print-config", "train.steps=3"], cwd=tmp_path, timeout=120).stdout
+    assert "steps: 3" in out
 
 
 def test_single_process_python(tmp_path):
