@@ -102,7 +102,7 @@ def test_more_nodes_than_the_partition_has_is_refused_at_submission(slurm_cluste
 def test_usr1_checkpoints_requeues_and_the_second_run_resumes(slurm_cluster, tmp_path):
     """What happens near the time limit (--signal=B:USR1@N): checkpoint, requeue, resume."""
     steps = 200
-    args = [*TINY, "model.ngf=32", "model.ndf=32", "train.batch_size=32", f"train.steps={steps}",
+    args = [*TINY, "model.dcgan.ngf=32", "model.dcgan.ndf=32", "train.batch_size=32", f"train.steps={steps}",
             "train.ckpt_every=100000", "eval.every=0"]
     r, env = submit(slurm_cluster, tmp_path, *args, NPROC_PER_NODE="1")
     assert r.returncode == 0, r.stderr
