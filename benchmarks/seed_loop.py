@@ -170,7 +170,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 
     from gan_dist.config import TrainConfig
     from gan_dist.distributed import init_distributed, teardown
-    from gan_dist.train import configure_threads
+    from gan_dist.launcher import configure_threads
 
     info = init_distributed()
     if info.world_size != 1:

@@ -120,7 +120,7 @@ def sweep(args: argparse.Namespace, world_size: int,
 def run(args: argparse.Namespace) -> Optional[dict[str, Any]]:
     """One world size: the world the launcher made. Returns the result on rank 0."""
     from gan_dist.distributed import init_distributed, teardown
-    from gan_dist.train import configure_threads
+    from gan_dist.launcher import configure_threads
 
     info = init_distributed()
     common.COMM.install()  # before any strategy: DeepSpeed looks the collectives up once

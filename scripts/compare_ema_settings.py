@@ -27,7 +27,7 @@ def main() -> None:
     from gan_dist import distributed as gdist
     from gan_dist.config import load_config
     from gan_dist.ema import EMA
-    from gan_dist.train import configure_threads
+    from gan_dist.launcher import configure_threads
     from gan_dist.trainer import Trainer
 
     cfg = load_config(None, ["eval.every=200", "train.ckpt_every=100000", *args.overrides])

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from gan_dist.config import ConfigError, load_config
-from gan_dist.train import apply_launcher_requests, launcher_requests
+from gan_dist.launcher import apply_launcher_requests, launcher_requests
 from tests._mp import PYTHON, REPO, base_env, run
 
 

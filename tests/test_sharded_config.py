@@ -8,7 +8,7 @@ import pytest
 
 from gan_dist.config import ConfigError, load_config
 from gan_dist.parallel.deepspeed import default_config, load_json, resolve_config
-from gan_dist.train import apply_launcher_requests, launcher_requests
+from gan_dist.launcher import apply_launcher_requests, launcher_requests
 from tests._mp import REPO
 
 DS_DIR = REPO / "configs" / "deepspeed"
