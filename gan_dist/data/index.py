@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,9 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from gan_dist.data.decode import SAMPLE_IMAGE_EXTS
 from gan_dist.data.demo import ensure_demo_shards
 from gan_dist.data.manifest import MANIFEST, META_KEYS, DataError, read_manifest
 from gan_dist.data.tario import TarError, is_remote, iter_samples, local_path, open_shard, shard_size
+from gan_dist.data.writer import SOURCE_EXTS
 
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
@@ -72,15 +75,23 @@ def _expand(urls: str | Sequence[str], allow_pipe: bool) -> tuple[list[str], dic
     out: list[str] = []
     known: dict[str, dict[str, Any]] = {}
     missing: list[str] = []
+    files: list[str] = []  # the local files of one item, checked together
 
     def add_manifest(path: Path) -> None:
         m = read_manifest(path)
+        gone = []
         for i, url in enumerate(m["urls"]):
             _refuse_remote(url, allow_pipe)
             if not is_remote(url) and not os.path.isfile(local_path(url)):
-                raise DataError(f"data.urls: shard {url!r} listed in {str(path)!r} does not exist")
+                gone.append(url)
             out.append(url)
             known[url] = {"count": m["counts"][i], "bytes": m["bytes"][i], **{k: m[k] for k in META_KEYS}}
+        if gone:
+            more = f" and {len(gone) - 1} more (the last {gone[-1]!r})" if len(gone) > 1 else ""
+            raise DataError(
+                f"data.urls: manifest {str(path)!r} lists {len(gone)} of its {len(m['urls'])} shards that do not "
+                f"exist: {gone[0]!r}{more}; copy them back, or point data.urls at the shards that are there "
+                f"(python -m gan_dist.shards --verify {shlex.quote(str(path.parent))} lists what is wrong)")
 
     for item in items:
         if not isinstance(item, str) or not item:
@@ -97,14 +108,19 @@ def _expand(urls: str | Sequence[str], allow_pipe: bool) -> tuple[list[str], dic
                     continue
                 found = sorted(str(p) for p in path.iterdir() if p.name.endswith(SHARD_SUFFIXES) and p.is_file())
                 if not found:
-                    raise DataError(f"data.urls: directory {str(path)!r} holds no .tar shards and no {MANIFEST}")
+                    raise DataError(_not_a_shard_folder(path))
+                _check_are_shards(found, f"directory {str(path)!r}")
                 out.extend(found)
             elif path.is_file() and path.suffix == ".json":
                 add_manifest(path)
             elif path.is_file():
                 out.append(str(path))
+                files.append(str(path))
             else:
                 missing.append(url)
+        if files:
+            _check_are_shards(files, f"{item!r}")
+            files.clear()
     if missing:
         more = f" (nor do {len(missing) - 1} more, the last {missing[-1]!r})" if len(missing) > 1 else ""
         raise DataError(f"data.urls: shard {missing[0]!r} does not exist{more}")
@@ -114,6 +130,72 @@ def _expand(urls: str | Sequence[str], allow_pipe: bool) -> tuple[list[str], dic
     if duplicates:
         raise DataError(f"data.urls names shard {duplicates[0]!r} more than once")
     return out, known
+
+
+def _not_a_shard_folder(path: Path) -> str:
+    """Why a directory without .tar files or a manifest cannot be data.urls, and what to do."""
+    entries = sorted(p.name for p in path.iterdir() if not p.name.startswith("."))
+    if not entries:
+        return f"data.urls: directory {str(path)!r} is empty (no .tar shards, no {MANIFEST})"
+    image = _first_image(path)
+    if image is not None:
+        out = path.parent / f"{path.name}-shards"
+        return (f"data.urls: directory {str(path)!r} holds images (such as {str(image)!r}), not shards; "
+                f"write shards from them (add --resolution R to crop and resize, --channels 1 for grayscale) with\n"
+                f"    python -m gan_dist.shards --src {shlex.quote(str(path))} --out {shlex.quote(str(out))}\n"
+                f"and train with data.urls={shlex.quote(str(out))}")
+    shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+    return (f"data.urls: directory {str(path)!r} holds no .tar shards, no {MANIFEST} and no images "
+            f"(it has: {shown})")
+
+
+def _first_image(root: Path, max_dirs: int = 200) -> Optional[Path]:
+    """An image file in `root` or its sub-folders (class folders), looking into a few only."""
+    for n, (folder, dirs, names) in enumerate(os.walk(root)):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(names):
+            if name.lower().endswith(SOURCE_EXTS) and not name.startswith("."):
+                return Path(folder) / name
+        if n >= max_dirs:
+            break
+    return None
+
+
+def _not_a_shard(url: str) -> Optional[str]:
+    """What shows that a local file is no WebDataset shard, or None (a shard, or an empty or
+    damaged one, which the reader skips and counts)."""
+    try:
+        with open_shard(url) as stream:
+            for _, key, members in iter_samples(stream, want=lambda i: False, size=shard_size(url, stream)):
+                if not any(ext in members for ext in SAMPLE_IMAGE_EXTS):
+                    exts = ", ".join(f".{e}" if e else "(no extension)" for e in sorted(members))
+                    return (f"its first sample {key!r} has {exts} but no image "
+                            f"({', '.join('.' + e for e in SAMPLE_IMAGE_EXTS)})")
+                return None
+    except TarError as exc:
+        return f"it is not a tar archive ({exc})" if "checksum" in str(exc) else None
+    except (OSError, EOFError):
+        return None
+    return None
+
+
+PROBED = 8  # files of one data.urls entry looked into before they are all called non-shards
+
+
+def _check_are_shards(urls: list[str], where: str) -> None:
+    """DataError when the first files of `where` are all tar files that hold no samples, or
+    no tar files at all: a folder of other archives, a source tarball, a mistyped path."""
+    problems = []
+    for url in urls[:PROBED]:
+        problem = _not_a_shard(url)
+        if problem is None:
+            return
+        problems.append((url, problem))
+    shown = "; ".join(f"{url!r}: {problem}" for url, problem in problems[:3])
+    more = f" (and the other {len(problems) - 3} looked into)" if len(problems) > 3 else ""
+    within = "" if where == repr(urls[0]) else f" in {where}"
+    raise DataError(f"data.urls: no WebDataset shards{within}: {shown}{more}; shards are tar files of samples "
+                    "such as 000001.png + 000001.cls, as python -m gan_dist.shards writes them")
 
 
 def _sibling_manifest_counts(urls: list[str], known: dict[str, dict[str, Any]]) -> None:
