@@ -46,6 +46,8 @@ FORMAT = 1
 MANIFEST = "manifest.json"
 LATEST = "latest"
 TRAINER_FILE = "trainer.pt"
+GENERATOR_FILE = "generator.pt"  # inside a checkpoint: G's full state_dict, whatever the strategy
+CHECKPOINTS_DIR = "checkpoints"  # the checkpoint root inside a run directory, unless train.ckpt_dir
 TMP_PREFIX = ".tmp-"
 CORRUPT_SUFFIX = ".corrupt"
 STEP_DIR = re.compile(r"^step(\d+)$")
@@ -191,6 +193,11 @@ def _try(fn: Callable[[], Any]) -> tuple[Any, Optional[str]]:
         return None, f"{exc.strerror or exc}{where}"
     except Exception as exc:
         return None, f"{type(exc).__name__}: {exc}"
+    except BaseException as exc:
+        failures = getattr(exc, "failures", None)  # torch.distributed.checkpoint's CheckpointException
+        if not isinstance(failures, dict):
+            raise
+        return None, "; ".join(f"rank {r}: {type(e).__name__}: {e}" for r, (e, _) in sorted(failures.items()))
 
 
 # ---- RNG --------------------------------------------------------------------------------------
@@ -281,6 +288,33 @@ def check_compatible(trainer_state: dict, current_config: dict, strategy_name: s
 
 
 # ---- the checkpoint directory -----------------------------------------------------------------
+def latest_name(root: Path) -> Optional[str]:
+    """The name `root/latest` gives the newest complete checkpoint, or None."""
+    try:
+        return (Path(root) / LATEST).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def is_checkpoint(path: Path) -> bool:
+    """Whether `path` is one checkpoint directory (not a run directory or a checkpoint root)."""
+    return (Path(path) / TRAINER_FILE).is_file()
+
+
+def find_checkpoint(path: Path) -> Optional[Path]:
+    """The checkpoint `path` names: itself when it is one, else the newest complete one that
+    `latest` names under path/checkpoints or path (a run directory or a checkpoint root).
+    Nothing is verified: `Checkpointer.find` does that before a resume."""
+    path = Path(path)
+    if is_checkpoint(path):
+        return path
+    for root in (path / CHECKPOINTS_DIR, path):
+        name = latest_name(root)
+        if name and (root / name).is_dir():
+            return root / name
+    return None
+
+
 def checkpoint_dirs(root: Path) -> list[Path]:
     """Complete-looking checkpoints under `root`, newest (highest step) first."""
     if not root.is_dir():
@@ -434,10 +468,7 @@ class Checkpointer:
                 shutil.rmtree(old, ignore_errors=True)
 
     def latest_name(self) -> Optional[str]:
-        try:
-            return (self.root / LATEST).read_text().strip() or None
-        except OSError:
-            return None
+        return latest_name(self.root)
 
     # ---- finding ----------------------------------------------------------------------------
     def find(self, resume: Optional[str]) -> Optional[Path]:
@@ -468,12 +499,12 @@ class Checkpointer:
             if problem:
                 raise CheckpointError(f"train.resume={resume} is damaged: {problem}")
             return path
-        for where in (path / "checkpoints", path):
+        for where in (path / CHECKPOINTS_DIR, path):
             found = self._newest_valid(where, own=False)
             if found is not None:
                 return found
         raise CheckpointError(f"train.resume={resume} holds no valid checkpoint (looked in {str(path)!r} "
-                              f"and {str(path / 'checkpoints')!r})")
+                              f"and {str(path / CHECKPOINTS_DIR)!r})")
 
     def _newest_valid(self, root: Path, own: bool) -> Optional[Path]:
         candidates = broadcast([str(p) for p in checkpoint_dirs(root)] if self.info.is_main else None)

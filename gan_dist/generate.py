@@ -63,28 +63,30 @@ def _run_step(run_dir: Path) -> Optional[int]:
         return None
 
 
-def _checkpoint_state(ckpt: Path, ema: Optional[bool]) -> tuple[dict, bool, str]:
+def _checkpoint_state(ckpt: Path, ema: Optional[bool]) -> tuple[dict, bool, str, dict]:
     """G's state_dict from a training checkpoint (EMA parameters over it when asked and present)."""
+    from gan_dist.checkpoint import GENERATOR_FILE, TRAINER_FILE
     from gan_dist.parallel.base import MODELS_FILE
+    from gan_dist.parallel.fsdp import CHECKPOINT_DIR as FSDP_DIR
 
-    trainer = _load(ckpt / "trainer.pt") if (ckpt / "trainer.pt").is_file() else {}
-    if (ckpt / "generator.pt").is_file():  # G's full weights, whatever the strategy
-        state = dict(_load(ckpt / "generator.pt"))
+    trainer = _load(ckpt / TRAINER_FILE)
+    if (ckpt / GENERATOR_FILE).is_file():  # G's full weights, whatever the strategy
+        state = dict(_load(ckpt / GENERATOR_FILE))
     elif (ckpt / MODELS_FILE).is_file():
         state = dict(_load(ckpt / MODELS_FILE)["models"]["G"])
-    elif (ckpt / "fsdp").is_dir():
-        state = _fsdp_generator_state(ckpt / "fsdp", trainer)
+    elif (ckpt / FSDP_DIR).is_dir():
+        state = _fsdp_generator_state(ckpt / FSDP_DIR, trainer)
     else:
-        raise GeneratorSourceError(f"checkpoint {str(ckpt)!r} holds no generator.pt, {MODELS_FILE} or fsdp/: written by "
-                                   f"parallel.strategy={trainer.get('strategy')!r}, which this command cannot read; "
-                                   "finish or resume the run to get generator.pt")
+        raise GeneratorSourceError(f"checkpoint {str(ckpt)!r} holds no {GENERATOR_FILE}, {MODELS_FILE} or {FSDP_DIR}/: "
+                                   f"written by parallel.strategy={trainer.get('strategy')!r}, which this command "
+                                   f"cannot read; finish or resume the run to get {GENERATOR_FILE}")
     ema_params = ((trainer.get("ema") or {}).get("params")) if isinstance(trainer, dict) else None
     if ema is True and ema_params is None:
         raise GeneratorSourceError(f"--ema: checkpoint {str(ckpt)!r} holds no EMA (trained with ema.enabled=false)")
     use_ema = ema is not False and ema_params is not None
     if use_ema:
         state.update(ema_params)
-    return state, use_ema, str(ckpt)
+    return state, use_ema, str(ckpt), trainer
 
 
 def _fsdp_generator_state(dcp_dir: Path, trainer: dict) -> dict:
@@ -105,6 +107,8 @@ def _fsdp_generator_state(dcp_dir: Path, trainer: dict) -> dict:
 
 def resolve_source(ckpt: str, ema: Optional[bool]) -> tuple[Path, dict, bool, str, Optional[int]]:
     """(config.yaml, G state_dict, is EMA, source description, step) for any --ckpt form."""
+    from gan_dist.checkpoint import CHECKPOINTS_DIR, LATEST, TRAINER_FILE, find_checkpoint, is_checkpoint
+
     path = Path(ckpt)
     if not path.exists():
         raise GeneratorSourceError(f"--ckpt {ckpt!r} does not exist")
@@ -113,8 +117,7 @@ def resolve_source(ckpt: str, ema: Optional[bool]) -> tuple[Path, dict, bool, st
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise GeneratorSourceError(f"--ckpt {ckpt!r} is not a generator state_dict (generator.pt)")
         return _config_near(path), state, "ema" in path.stem, str(path), _run_step(path.parent)
-    if not (path / "trainer.pt").is_file() and ((path / "generator.pt").is_file()
-                                                or (path / "generator_ema.pt").is_file()):
+    if not is_checkpoint(path) and ((path / "generator.pt").is_file() or (path / "generator_ema.pt").is_file()):
         has_ema = (path / "generator_ema.pt").is_file()
         if ema is True and not has_ema:
             raise GeneratorSourceError(f"--ema: {ckpt!r} has no generator_ema.pt (trained with ema.enabled=false)")
@@ -123,20 +126,11 @@ def resolve_source(ckpt: str, ema: Optional[bool]) -> tuple[Path, dict, bool, st
             raise GeneratorSourceError(f"--no-ema: {ckpt!r} has no generator.pt")
         return _config_near(path / name), _load(path / name), name == "generator_ema.pt", str(path / name), \
             _run_step(path)
-    ckpt_dir = None
-    if (path / "trainer.pt").is_file():
-        ckpt_dir = path
-    else:
-        for root in (path / "checkpoints", path):
-            latest = root / "latest"
-            if latest.is_file() and (root / latest.read_text().strip()).is_dir():
-                ckpt_dir = root / latest.read_text().strip()
-                break
+    ckpt_dir = find_checkpoint(path)
     if ckpt_dir is None:
-        raise GeneratorSourceError(f"--ckpt {ckpt!r}: no generator.pt, generator_ema.pt, checkpoint (trainer.pt) "
-                                   "or checkpoints/latest found there")
-    state, use_ema, source = _checkpoint_state(ckpt_dir, ema)
-    trainer = _load(ckpt_dir / "trainer.pt")
+        raise GeneratorSourceError(f"--ckpt {ckpt!r}: no generator.pt, generator_ema.pt, checkpoint ({TRAINER_FILE}) "
+                                   f"or {CHECKPOINTS_DIR}/{LATEST} found there")
+    state, use_ema, source, trainer = _checkpoint_state(ckpt_dir, ema)
     step = trainer.get("step") if isinstance(trainer, dict) else None
     config = ckpt_dir / "config.yaml" if (ckpt_dir / "config.yaml").is_file() else _config_near(ckpt_dir)
     return config, state, use_ema, source, step

@@ -87,6 +87,23 @@ def test_generate_from_a_checkpoint_directory(trained, tmp_path):
     assert all(np.array_equal(a[n], b[n]) for n in a)
 
 
+def test_find_checkpoint_follows_latest_from_a_run_directory_or_a_checkpoint_root(tmp_path):
+    """`latest` decides, not the highest step (a newer directory may be an unfinished save)."""
+    from gan_dist.checkpoint import find_checkpoint
+
+    root = tmp_path / "run" / "checkpoints"
+    for name in ("step000000004", "step000000008"):
+        (root / name).mkdir(parents=True)
+        (root / name / "trainer.pt").write_bytes(b"")
+    (root / "latest").write_text("step000000004\n")
+    assert find_checkpoint(tmp_path / "run") == root / "step000000004"
+    assert find_checkpoint(root) == root / "step000000004"
+    assert find_checkpoint(root / "step000000008") == root / "step000000008"
+    (root / "latest").write_text("step000000006\n")  # names a directory that is gone
+    assert find_checkpoint(tmp_path / "run") is None
+    assert find_checkpoint(tmp_path) is None
+
+
 @pytest.mark.parametrize("ckpt,message", [("/nonexistent/run", "does not exist"),
                                           ("EMPTY", "no generator.pt, generator_ema.pt, checkpoint")])
 def test_bad_ckpt_is_a_clear_error(tmp_path, ckpt, message):
