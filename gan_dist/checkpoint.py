@@ -198,6 +198,11 @@ def _try(fn: Callable[[], Any]) -> tuple[Any, Optional[str]]:
         if not isinstance(failures, dict):
             raise
         return None, "; ".join(f"rank {r}: {type(e).__name__}: {e}" for r, (e, _) in sorted(failures.items()))
+    except BaseException as exc:
+        failures = getattr(exc, "failures", None)  # torch.distributed.checkpoint's CheckpointException
+        if not isinstance(failures, dict):
+            raise
+        return None, "; ".join(f"rank {r}: {type(e).__name__}: {e}" for r, (e, _) in sorted(failures.items()))
 
 
 # ---- RNG --------------------------------------------------------------------------------------

@@ -306,12 +306,16 @@ class DeepSpeedStrategy(Strategy):
                                                save_latest=False)
 
     def load_checkpoint(self, path: Path) -> None:
+        """DeepSpeed's engine unpickles with weights_only=False: its files are checked and read as data."""
+        from gan_dist.parallel.safe_load import deepspeed_files_as_data
+
         for name in NAMES:
             where = Path(path) / CHECKPOINT_DIR / name
             if not (where / CHECKPOINT_TAG).is_dir():
                 raise FileNotFoundError(f"{path} holds no DeepSpeed state for {name} ({where}/{CHECKPOINT_TAG} "
                                         "is missing): was it written by another parallel.strategy?")
-            load_path, _ = self.engines[name].load_checkpoint(str(where), tag=CHECKPOINT_TAG)
+            with deepspeed_files_as_data(where / CHECKPOINT_TAG):
+                load_path, _ = self.engines[name].load_checkpoint(str(where), tag=CHECKPOINT_TAG)
             if load_path is None:
                 raise RuntimeError(f"DeepSpeed could not load the {name} checkpoint in {where}")
 

@@ -176,16 +176,19 @@ class FSDPStrategy(Strategy):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
+        from gan_dist.checkpoint import load_file
+        from gan_dist.parallel.safe_load import safe_dcp_reader
+
         path = Path(path)
         if not (path / CHECKPOINT_DIR).is_dir():
             raise FileNotFoundError(f"{path} holds no FSDP state ({CHECKPOINT_DIR}/ is missing): "
                                     "was it written by another parallel.strategy?")
         state = self._train_state()
-        dcp.load(state, checkpoint_id=str(path / CHECKPOINT_DIR), planner=_SafeLoadPlanner())
+        dcp.load(state, storage_reader=safe_dcp_reader(path / CHECKPOINT_DIR), planner=_SafeLoadPlanner())
         for n in NAMES:
             set_model_state_dict(self.raw[n], state[n]["model"])
             set_optimizer_state_dict(self.raw[n], self.optimizers[n], state[n]["optim"])
-        scalers = torch.load(path / SCALERS_FILE, weights_only=True, map_location="cpu")
+        scalers = load_file(path / SCALERS_FILE)  # weights_only, and an error that names the file
         for n, s in self.precision.scalers.items():
             if scalers.get(n):
                 s.load_state_dict(scalers[n])
