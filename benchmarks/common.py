@@ -45,9 +45,9 @@ from gan_dist.distributed import DistInfo  # noqa: E402
 # the PyTorch example's (64x64 RGB, ngf = ndf = 64), dcgan-64-xl a wide one for GPU memory and
 # sharding (8x the width: ~64x the parameters and FLOPs).
 MODELS: dict[str, dict[str, Any]] = {
-    "dcgan-32": {"model.resolution": 32, "model.channels": 1, "model.ngf": 32, "model.ndf": 32, "model.nz": 100},
-    "dcgan-64": {"model.resolution": 64, "model.channels": 3, "model.ngf": 64, "model.ndf": 64, "model.nz": 100},
-    "dcgan-64-xl": {"model.resolution": 64, "model.channels": 3, "model.ngf": 512, "model.ndf": 512, "model.nz": 100},
+    "dcgan-32": {"model.resolution": 32, "model.channels": 1, "model.dcgan.ngf": 32, "model.dcgan.ndf": 32, "model.dcgan.nz": 100},
+    "dcgan-64": {"model.resolution": 64, "model.channels": 3, "model.dcgan.ngf": 64, "model.dcgan.ndf": 64, "model.dcgan.nz": 100},
+    "dcgan-64-xl": {"model.resolution": 64, "model.channels": 3, "model.dcgan.ngf": 512, "model.dcgan.ndf": 512, "model.dcgan.nz": 100},
 }
 
 PARTS = ("data", "D", "G", "opt")  # the split of an iteration; the rest is "other"
@@ -684,7 +684,8 @@ def describe(cfg: Config, info: DistInfo, model: str, data_kind: str) -> dict[st
     t = cfg.train
     per_iter = t.batch_size * t.grad_accum * t.d_steps
     return {"model": model, "resolution": cfg.model.resolution, "channels": cfg.model.channels,
-            "ngf": cfg.model.ngf, "ndf": cfg.model.ndf, "nz": cfg.model.nz,
+            "ngf": cfg.model.dcgan.ngf, "ndf": cfg.model.dcgan.ndf, "nz": cfg.model.dcgan.nz,
+            "loss": t.loss, "r1_gamma": cfg.reg.r1_gamma, "r2_gamma": cfg.reg.r2_gamma, "d_every": cfg.reg.d_every,
             "params_G": num_params(G), "params_D": num_params(D),
             "batch_size": t.batch_size, "global_batch_size": per_iter * info.world_size,
             "precision": t.precision, "channels_last": t.channels_last, "compile": t.compile,
@@ -724,45 +725,54 @@ class GanDistBench(Bench):
         self.data: Any = None
 
     def setup(self) -> None:
-        from gan_dist.models import build_models
+        from gan_dist.build import setup_models
 
-        G, D = build_models(self.cfg.model, self.cfg.run.seed)
-        self.strategy.setup(G, D)
+        self.recipe, self.spec, _ = setup_models(self.strategy, self.cfg)
         instrument_strategy(self.strategy, self.timeline)
         COMM.attach(self.strategy)
         self.data = real_source(self.cfg, self.info, self.data_kind)
-        self.noise = torch.Generator(device=self.device).manual_seed(self.cfg.run.seed * 1000 + self.info.rank + 1)
+        self.iteration = 0
 
-    def next_batches(self) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
-        t, nz = self.cfg.train, self.cfg.model.nz  # as Trainer.next_batches
-        return [[(next(self.data), torch.randn(t.batch_size, nz, device=self.device, generator=self.noise))
-                 for _ in range(t.grad_accum)] for _ in range(t.d_steps)]
+    def next_batches(self) -> list:
+        from gan_dist.build import step_batches
+
+        return step_batches(self.cfg, self.spec, self.iteration, self.info.rank, self.info.world_size,
+                            lambda: next(self.data), self.device)  # as Trainer.next_batches
 
     def step(self, batches: Any) -> None:
         from gan_dist.loop import train_step
 
-        train_step(self.strategy, batches, self.cfg.train.loss)
+        train_step(self.strategy, self.recipe, batches, self.iteration)
+        self.iteration += 1  # lazy phases come every reg.d_every iterations, as in training
 
     def count_flops(self) -> int:
+        from gan_dist.build import setup_models, step_batches
         from gan_dist.loop import train_step
-        from gan_dist.models import build_models
         from gan_dist.parallel.base import Strategy
 
         t, m = self.cfg.train, self.cfg.model
-        key = (dataclasses.astuple(m), t.batch_size, t.grad_accum, t.d_steps, t.loss, str(self.device))
+        key = (dataclasses.astuple(m), dataclasses.astuple(self.cfg.reg), t.batch_size, t.grad_accum, t.d_steps,
+               t.loss, str(self.device))
         if key not in _FLOPS_CACHE:
             cfg = copy.deepcopy(self.cfg)
             # the convolutions' own FLOPs (the matmul formulation does the same multiply-adds)
             cfg.train.precision, cfg.train.compile, cfg.train.channels_last = "fp32", False, False
             cfg.train.matmul_conv = "never"
             eager = Strategy(self.info, cfg.train, cfg.parallel)
-            eager.setup(*build_models(cfg.model, cfg.run.seed))
+            recipe, spec, _ = setup_models(eager, cfg)
             gen = torch.Generator(device=self.device).manual_seed(0)
-            batches = [[(torch.rand(t.batch_size, m.channels, m.resolution, m.resolution, device=self.device,
-                                    generator=gen) * 2 - 1,
-                         torch.randn(t.batch_size, m.nz, device=self.device, generator=gen))
-                        for _ in range(t.grad_accum)] for _ in range(t.d_steps)]
-            _FLOPS_CACHE[key] = count_flops(lambda: train_step(eager, batches, t.loss))
+
+            def real() -> torch.Tensor:
+                return torch.rand(t.batch_size, m.channels, m.resolution, m.resolution, device=self.device,
+                                  generator=gen) * 2 - 1
+
+            def flops_at(step: int) -> int:
+                batches = step_batches(cfg, spec, step, 0, 1, real, self.device)
+                return count_flops(lambda: train_step(eager, recipe, batches, step))
+
+            # the average iteration: a lazy phase (due at step 0) counts 1/d_every of the time
+            every, plain = cfg.reg.d_every, flops_at(1)
+            _FLOPS_CACHE[key] = plain + (flops_at(0) - plain) // every if every > 1 else flops_at(0)
             eager.close()
         return _FLOPS_CACHE[key]
 

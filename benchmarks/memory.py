@@ -45,7 +45,7 @@ import torch  # noqa: E402
 
 from benchmarks.common import MemoryMeter, environment  # noqa: E402
 
-WIDE = {"model.resolution": 64, "model.channels": 3, "model.ngf": 256, "model.ndf": 256, "model.nz": 100}
+WIDE = {"model.resolution": 64, "model.channels": 3, "model.dcgan.ngf": 256, "model.dcgan.ndf": 256, "model.dcgan.nz": 100}
 STRATEGIES = {"ddp": [], "fsdp": [], "zero1": ["parallel.deepspeed.zero_stage=1"],
               "zero2": ["parallel.deepspeed.zero_stage=2"], "zero3": ["parallel.deepspeed.zero_stage=3"]}
 
@@ -58,7 +58,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--precision", default="fp32", help="comma-separated: fp32, bf16, fp16")
     p.add_argument("--batch-size", type=int, default=2, help="images per process")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override for every job (e.g. model.ngf=128)")
+                   help="config override for every job (e.g. model.dcgan.ngf=128)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--md", help="write a markdown table here")
     p.add_argument("--render", metavar="JSON", help="only print (and --md) the table of an earlier --json")
@@ -154,8 +154,8 @@ def census(strategy: Any, trained: str) -> dict[str, int]:
 def child(args: argparse.Namespace) -> None:
     from gan_dist import distributed as gdist
     from gan_dist.config import load_config
-    from gan_dist.loop import train_step
-    from gan_dist.models import build_models
+    from gan_dist.build import setup_models
+    from gan_dist.loop import Batch, train_step
     from gan_dist.parallel import build_strategy
 
     info = gdist.init_distributed()
@@ -168,20 +168,17 @@ def child(args: argparse.Namespace) -> None:
     meter = MemoryMeter(info.device)
     baseline = meter.reset()
     strategy = build_strategy(info, cfg)
-    G, D = build_models(cfg.model, cfg.run.seed)
-    numel = {"G": sum(p.numel() for p in G.parameters()), "D": sum(p.numel() for p in D.parameters())}
-    strategy.setup(G, D)
-    del G, D
+    recipe, _, numel = setup_models(strategy, cfg)
 
     gen = torch.Generator().manual_seed(info.rank)
     res = cfg.model.resolution
 
     def batches() -> list:
         real = (torch.rand(args.batch_size, cfg.model.channels, res, res, generator=gen) * 2 - 1).to(info.device)
-        z = torch.randn(args.batch_size, cfg.model.nz, generator=gen).to(info.device)
-        return [[(real, z)]]
+        z = torch.randn(args.batch_size, cfg.model.dcgan.nz, generator=gen).to(info.device)
+        return [[Batch(real, z)]]
 
-    train_step(strategy, batches(), cfg.train.loss)  # warm-up: Adam's state now exists
+    train_step(strategy, recipe, batches())  # warm-up: Adam's state now exists
     counts: dict[str, dict[str, int]] = {}
     real_step = strategy.step
 
@@ -190,7 +187,7 @@ def child(args: argparse.Namespace) -> None:
         real_step(trained)
 
     strategy.step = counting_step
-    train_step(strategy, batches(), cfg.train.loss)
+    train_step(strategy, recipe, batches())
     strategy.step = real_step
     peak = meter.peak()
     # parameters and optimizer state do not change between the two counts; each model's

@@ -40,7 +40,7 @@ class SeedLoop:
 
         G, D = build_models(cfg.model, cfg.run.seed)
         self.device = device
-        self.nz = cfg.model.nz
+        self.nz = cfg.model.dcgan.nz
         self.netG = G.to(device)
         self.netD = nn.Sequential(D, nn.Sigmoid()).to(device)
         self.criterion = nn.BCELoss()
@@ -159,7 +159,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--data", default="synthetic", choices=["synthetic", "shards"])
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="a config override for all rows, e.g. model.ngf=16 (repeatable)")
+                   help="a config override for all rows, e.g. model.dcgan.ngf=16 (repeatable)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=11)
     p.add_argument("--iters", type=int, default=3)

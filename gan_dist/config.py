@@ -34,7 +34,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per update
     d_steps: int = 1  # D updates per G update
     precision: str = "bf16"  # fp32 | bf16 | fp16
-    loss: str = "nonsaturating"  # nonsaturating | minimax
+    loss: str = "nonsaturating"  # nonsaturating | minimax | hinge | rpgan
     lr_g: float = 2e-4
     lr_d: float = 2e-4
     beta1: float = 0.5
@@ -53,14 +53,28 @@ class TrainConfig:
 
 
 @dataclass
-class ModelConfig:
-    arch: str = "dcgan"
-    resolution: int = 32  # 32 | 64
-    channels: int = 1  # 1 | 3
-    nz: int = 100
-    ngf: int = 32  # the demo's width; the DCGAN paper's is 64 (configs/dcgan_64.yaml)
-    ndf: int = 32
+class DCGANConfig:
+    nz: int = 100  # latent size
+    ngf: int = 32  # G's width; the demo's, the DCGAN paper's is 64 (configs/dcgan_64.yaml)
+    ndf: int = 32  # D's width
     norm: str = "batch"  # batch | none
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "dcgan"  # the family: its settings are the section of the same name
+    resolution: Any = 32  # image side in pixels
+    channels: Any = 1  # 1 | 3
+    num_classes: int = 0  # 0: unconditional
+    dcgan: DCGANConfig = field(default_factory=DCGANConfig)
+
+
+@dataclass
+class RegConfig:
+    """Gradient penalties on D (docs/recipes.md)."""
+    r1_gamma: float = 0.0  # gamma/2 * E||grad_x D(x)||^2 on real images; 0: off
+    r2_gamma: float = 0.0  # the same on generated images; 0: off
+    d_every: int = 1  # 1: the penalties join Dmain's backward; k > 1: a Dreg phase every k steps
 
 
 @dataclass
@@ -115,10 +129,16 @@ class EvalConfig:
     every: int = 250  # steps between evaluations (also at the start and the end); 0: only at the end
     num_samples: int = 2000  # generated images per evaluation, split across the ranks
     batch_size: int = 250  # per rank, for generating and embedding
-    # auto: digits on the demo data, else inception when its weights are found, else no evaluation
+    # auto: digits_fd,kid on the demo data, else fid,kid when the Inception weights are found, else none;
+    # or a comma-separated list of fid, kid, is, pr (precision/recall), digits_fd (docs/evaluation.md)
+    metrics: str = "auto"
+    # the features of FD and KID; auto: digits on the demo data, else inception when its weights are found
     extractor: str = "auto"  # auto | digits | inception
-    inception_weights: Optional[str] = None  # torchvision's inception_v3_google-0cc3c7bd.pth (or $GAN_DIST_INCEPTION_WEIGHTS)
-    inception_download: bool = False  # fetch the Inception weights into torch's cache when missing
+    # weights files (nothing is downloaded): the 2015-12-05 Inception of FID, KID and IS
+    # (weights-inception-2015-12-05-6726825d.pth, or $GAN_DIST_INCEPTION_WEIGHTS) and torchvision's
+    # VGG16 of precision/recall (vgg16-397923af.pth, or $GAN_DIST_VGG16_WEIGHTS); else torch's hub cache
+    inception_weights: Optional[str] = None
+    vgg16_weights: Optional[str] = None
     reference_images: int = 50000  # real images for the reference statistics (cached); 0: all
     kid_subsets: int = 100
     kid_subset_size: int = 1000
@@ -129,6 +149,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    reg: RegConfig = field(default_factory=RegConfig)
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
@@ -138,11 +159,9 @@ class Config:
 CHOICES = {
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.matmul_conv": ("auto", "always", "never"),
-    "train.loss": ("nonsaturating", "minimax"),
-    "model.arch": ("dcgan",),
-    "model.resolution": (32, 64),
-    "model.channels": (1, 3),
-    "model.norm": ("batch", "none"),
+    "train.loss": ("nonsaturating", "minimax", "hinge", "rpgan"),
+    "model.channels": (1, 3, "auto"),
+    "model.dcgan.norm": ("batch", "none"),
     "data.mode": ("epoch", "stream"),
     "data.epoch_remainder": ("pad", "drop"),
     "parallel.strategy": ("auto", "none", "ddp", "fsdp", "deepspeed"),
@@ -155,10 +174,12 @@ CHOICES = {
 }
 POSITIVE = ("train.steps", "train.batch_size", "train.grad_accum", "train.d_steps",
             "train.log_every", "train.sample_every", "train.ckpt_every", "train.keep_ckpts",
-            "train.max_nonfinite", "model.nz", "model.ngf", "model.ndf", "data.shuffle_buffer",
+            "train.max_nonfinite", "model.dcgan.nz", "model.dcgan.ngf", "model.dcgan.ndf", "reg.d_every",
+            "data.shuffle_buffer",
             "data.prefetch_factor", "eval.num_samples", "eval.batch_size", "eval.kid_subsets",
             "eval.kid_subset_size")
-NON_NEGATIVE = ("run.threads", "data.num_workers", "eval.every", "eval.reference_images")
+NON_NEGATIVE = ("run.threads", "data.num_workers", "eval.every", "eval.reference_images", "model.num_classes",
+                "reg.r1_gamma", "reg.r2_gamma")
 
 
 def _get(cfg: Any, dotted: str) -> Any:
@@ -188,6 +209,16 @@ def validate(cfg: Config) -> None:
     for key in ("train.beta1", "train.beta2"):
         if not 0 <= _get(cfg, key) < 1:
             raise ConfigError(f"{key}={_get(cfg, key)!r} must be in [0, 1)")
+    if cfg.train.compile and (cfg.reg.r1_gamma or cfg.reg.r2_gamma):
+        raise ConfigError("train.compile=true cannot be combined with a gradient penalty (reg.r1_gamma, "
+                          "reg.r2_gamma): the penalty differentiates D's compiled forward twice, which "
+                          "torch.compile does not support (docs/recipes.md); use train.compile=false")
+    res = cfg.model.resolution
+    if res != "auto" and (isinstance(res, bool) or not isinstance(res, int) or res <= 0):
+        raise ConfigError(f"model.resolution={res!r} must be a positive integer or auto (from the data)")
+    if "auto" not in (res, cfg.model.channels):
+        from gan_dist.models import model_spec
+        model_spec(cfg.model)  # the family checks its own settings
     if not 0 <= cfg.data.max_skip_fraction <= 1:
         raise ConfigError(f"data.max_skip_fraction={cfg.data.max_skip_fraction!r} must be in [0, 1]")
     if cfg.ema.half_life_kimg < 0:
@@ -207,24 +238,50 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.urls: every entry of the list must be a string")
 
 
+# keys of the layout before model families had sections of their own -> where they live now
+MOVED = {f"model.{k}": f"model.dcgan.{k}" for k in ("nz", "ngf", "ndf", "norm")}
+
+
+def upgrade_layout(tree: dict) -> dict:
+    """A config tree of an older run (checkpoint, config.yaml) in today's layout: DCGAN's
+    settings moved from `model.*` into `model.dcgan.*`. Returns a new dict."""
+    import copy
+
+    tree = copy.deepcopy(tree)
+    model = tree.get("model")
+    if isinstance(model, dict) and model.get("arch", "dcgan") == "dcgan":
+        for old, new in MOVED.items():
+            name = old.split(".")[1]
+            if name in model:
+                model.setdefault("dcgan", {})[name] = model.pop(name)
+    return tree
+
+
 def _error_message(exc: OmegaConfBaseException, source: str) -> str:
     key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
     msg = getattr(exc, "msg", None) or str(exc).splitlines()[0]
+    if str(key) in MOVED:
+        return f"config key {key!r} (from {source}) is now {MOVED[str(key)]!r}"
     if type(exc).__name__ == "ConfigKeyError" or "not in" in msg:
         return (f"unknown config key {key!r} (from {source}). "
                 f"Run `python -m gan_dist.train --print-config` to list the keys.")
     return f"bad value for config key {key!r} (from {source}): {msg}"
 
 
-def load_config(path: Optional[str | Path] = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Schema defaults <- YAML file <- dotted overrides, then validate."""
+def load_config(path: Optional[str | Path] = None, overrides: list[str] | tuple[str, ...] = (),
+                upgrade: bool = False) -> Config:
+    """Schema defaults <- YAML file <- dotted overrides, then validate. `upgrade` reads a file
+    written by an older gan_dist (a run's config.yaml) in today's layout."""
     merged = OmegaConf.structured(Config)
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            loaded = OmegaConf.load(path)
+            if upgrade:
+                loaded = OmegaConf.create(upgrade_layout(OmegaConf.to_container(loaded)))
+            merged = OmegaConf.merge(merged, loaded)
         except OmegaConfBaseException as exc:
             raise ConfigError(_error_message(exc, str(path))) from None
         except Exception as exc:  # YAML syntax

@@ -2,9 +2,9 @@
 
 The average is kept for the parameters that this rank holds, whatever the strategy made of
 them: the whole tensors (none, DDP: every rank holds the same weights, so every rank computes
-the same average), the local shards of FSDP2's DTensors, or DeepSpeed ZeRO-3's partitions
-(``ds_tensor``). No update communicates. Buffers (BatchNorm statistics) are not averaged:
-they are the live generator's, made equal across ranks by ``strategy.sync_buffers()``;
+the same average), FSDP2's local shards or ZeRO-3's partitions, all reached through the
+strategy's shard access (`local_tensor`, `local_slice`, `shards_written`). No update
+communicates. Buffers (BatchNorm statistics) are not averaged: they are the live generator's, made equal across ranks by ``strategy.sync_buffers()``;
 StyleGAN2-ADA copies them into its EMA generator at every step, which is the same thing.
 
 The EMA weights are used by swapping them into the live module for the duration of a
@@ -43,66 +43,6 @@ def ema_beta(batch_nimg: int, cur_nimg: int, half_life_kimg: float, rampup: Opti
     return 0.5 ** (batch_nimg / half_life)
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed
-        return False
-    return isinstance(t, DTensor)
-
-
-def local_tensor(p: torch.Tensor) -> torch.Tensor:
-    """The storage of `p` that this rank owns, as a plain tensor that aliases it (call under no_grad)."""
-    ds = getattr(p, "ds_tensor", None)
-    if ds is not None:  # DeepSpeed ZeRO-3: this rank's flat partition
-        return ds
-    if _is_dtensor(p):  # FSDP2: this rank's shard
-        return p._local_tensor
-    return p
-
-
-def local_slice(full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """The part of a full (unsharded) tensor that `p`'s owner on this rank holds. No communication."""
-    if getattr(p, "ds_tensor", None) is not None:
-        ds = p.ds_tensor
-        size = ds.numel()
-        rank = torch.distributed.get_rank()
-        flat = full.reshape(-1)
-        part = flat[rank * size:(rank + 1) * size]
-        out = torch.zeros(size, dtype=full.dtype)
-        out[:part.numel()] = part  # the last partition is zero-padded
-        return out
-    if _is_dtensor(p):
-        from torch.distributed.tensor import distribute_tensor
-
-        return distribute_tensor(full.to(p.device), p.device_mesh, p.placements, src_data_rank=None).to_local()
-    return full
-
-
-@contextlib.contextmanager
-def _shards_written(module: nn.Module) -> Iterator[None]:
-    """Around writes into the local shards: no gathered copy of the old values may outlive them.
-
-    FSDP2 keeps gathered parameters after a forward without backward (reshard_after_forward
-    off, or the root module): they are dropped, and the next forward gathers the new shards.
-    ZeRO-3 keeps small ("persistent") parameters gathered: they are dropped and gathered again.
-    """
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover
-        FSDPModule = ()  # noqa: N806
-    for m in module.modules():
-        if isinstance(m, FSDPModule):
-            m.reshard()
-    gathered = [p for p in module.parameters() if getattr(p, "ds_tensor", None) is not None
-                and getattr(getattr(p, "ds_status", None), "name", "") == "AVAILABLE"]
-    if gathered:  # collective, like everything around it: every rank holds the same set
-        gathered[0].partition(param_list=gathered, has_been_updated=False)
-    yield
-    if gathered:
-        gathered[0].all_gather(param_list=gathered)
-
-
 class EMA:
     """EMA of `strategy.raw[name]`'s parameters, for the shards this rank holds.
 
@@ -118,7 +58,7 @@ class EMA:
         with torch.no_grad():
             self.names = [n for n, _ in self._params()]
             # fp32 whatever the parameters' dtype: a bf16 average cannot absorb updates of 1e-3
-            self.shadow = [local_tensor(p).detach().to(torch.float32, copy=True) for _, p in self._params()]
+            self.shadow = [strategy.local_tensor(p).detach().to(torch.float32, copy=True) for _, p in self._params()]
 
     @property
     def module(self) -> nn.Module:
@@ -133,7 +73,7 @@ class EMA:
         if names != self.names:
             raise RuntimeError(f"the parameters of {self.name} changed since the EMA was created "
                                f"({len(names)} now, {len(self.names)} then)")
-        return [local_tensor(p) for _, p in params]
+        return [self.strategy.local_tensor(p) for _, p in params]
 
     @torch.no_grad()
     def update(self, cur_nimg: int, batch_nimg: int) -> float:
@@ -146,17 +86,11 @@ class EMA:
         self.beta = beta
         return beta
 
-    @torch.no_grad()
-    def copy_from_model(self) -> None:
-        """Restart the average at the current weights."""
-        for s, t in zip(self.shadow, self._locals()):
-            s.copy_(t)
-
     @contextlib.contextmanager
     def swapped(self) -> Iterator[nn.Module]:
         """The live module holds the EMA weights inside the block, its own weights again after."""
         module = self.module
-        with torch.no_grad(), _shards_written(module):
+        with torch.no_grad(), self.strategy.shards_written(self.name):
             locals_ = self._locals()
             backup = [t.detach().clone() for t in locals_]
             for t, s in zip(locals_, self.shadow):
@@ -164,7 +98,7 @@ class EMA:
         try:
             yield module
         finally:
-            with torch.no_grad(), _shards_written(module):
+            with torch.no_grad(), self.strategy.shards_written(self.name):
                 for t, b in zip(locals_, backup):
                     t.copy_(b)
 
@@ -177,7 +111,7 @@ class EMA:
 
     @property
     def sharded(self) -> bool:
-        return any(local_tensor(p) is not p for _, p in self._params())
+        return any(self.strategy.local_tensor(p) is not p for _, p in self._params())
 
     def state_dict(self) -> dict[str, Any]:
         """Full (unsharded) EMA parameters on CPU, for checkpoints. Collective under sharded
@@ -204,7 +138,7 @@ class EMA:
             full = params[n]
             if tuple(full.shape) != tuple(p.shape):
                 raise ValueError(f"EMA state: {n} has shape {tuple(full.shape)}, the model has {tuple(p.shape)}")
-            s.copy_(local_slice(full.to(torch.float32), p))
+            s.copy_(self.strategy.local_slice(full.to(torch.float32), p))
         self.num_updates = int(state.get("num_updates", 0))
 
 

@@ -136,9 +136,8 @@ class NonFiniteGuard:
     and `values()` hands them to the per-step `StepAgreement`.
     """
 
-    def __init__(self, strategy: Any, max_consecutive: int) -> None:
+    def __init__(self, strategy: Any) -> None:
         self.strategy = strategy
-        self.max_consecutive = max_consecutive
         self.streak_t = torch.zeros((), device=strategy.device)  # steps in a row with a refused update
         self._before: dict[str, torch.Tensor] = {}
         self._buffers: dict[str, list[torch.Tensor]] = {}
@@ -163,9 +162,6 @@ class NonFiniteGuard:
     @property
     def streak(self) -> int:
         return int(self.streak_t.item())
-
-    def exhausted(self) -> bool:
-        return self.streak >= self.max_consecutive
 
     def values(self) -> list[torch.Tensor]:
         """[streak, skipped G updates, skipped D updates] as device tensors."""
@@ -204,21 +200,32 @@ def parse_inject_nan(value: Optional[str]) -> Optional[tuple[int, int, int]]:
 
 
 class FaultInjector:
-    """Applies GAN_DIST_INJECT_NAN to the batches of a step."""
+    """Applies GAN_DIST_INJECT_NAN to a trainer's batches.
 
-    def __init__(self, rank: int, env: Optional[dict] = None) -> None:
-        env = os.environ if env is None else env
+    `install` wraps the trainer's `next_batches` only when the variable is set, so a normal run
+    has no fault-injection code in its step at all."""
+
+    def __init__(self, rank: int, spec: tuple[int, int, int]) -> None:
         self.rank = rank
-        self.nan = parse_inject_nan(env.get(INJECT_NAN_ENV))
-        if self.nan is not None and rank == 0:
+        self.nan = spec
+
+    @classmethod
+    def install(cls, trainer: Any, env: Optional[dict] = None) -> Optional["FaultInjector"]:
+        env = os.environ if env is None else env
+        spec = parse_inject_nan(env.get(INJECT_NAN_ENV))
+        if spec is None:
+            return None
+        injector = cls(trainer.info.rank, spec)
+        if injector.rank == 0:
             print(f"gan_dist: fault injection active: {INJECT_NAN_ENV}={env.get(INJECT_NAN_ENV)}",
                   file=sys.stderr, flush=True)
+        produce = trainer.next_batches
+        trainer.next_batches = lambda: injector(trainer.step + 1, produce())
+        return injector
 
-    def __call__(self, step: int, batches: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> list:
-        if self.nan is None:
-            return batches
+    def __call__(self, step: int, batches: list) -> list:
+        """Rank `rank`'s first real micro-batch of 1-based `step` becomes NaN, when due."""
         rank, first, count = self.nan
         if self.rank == rank and step >= first and (count == 0 or step < first + count):
-            real, z = batches[0][0]
-            batches[0][0] = (torch.full_like(real, float("nan")), z)
+            batches[0][0].real = torch.full_like(batches[0][0].real, float("nan"))
         return batches

@@ -1,68 +1,105 @@
-"""One training iteration of the alternating GAN loop (Goodfellow et al. 2014; the DCGAN example).
+"""One training iteration: the recipe's due phases, in order (docs/recipes.md).
 
-    (1) Update D: maximise log D(x) + log(1 - D(G(z)))    -- `train.d_steps` times
-    (2) Update G: maximise log D(G(z))   (or minimise log(1 - D(G(z))))
+    Dmain  (train.d_steps times)  D(x), D(G(z).detach()) [+ R1/R2]  -> one backward -> step D
+    Dreg   (every reg.d_every)    R1/R2 x d_every                    -> one backward -> step D
+    Gmain                         D frozen, D(G(z))                  -> one backward -> step G
 
-The strategy object decides how gradients travel between ranks; this file only says when a
-model is trained and when an update ends. Each model's gradients are reduced once per update
-(on the last micro-batch), and the G phase computes no gradients for D.
+The strategy decides how gradients travel between ranks; this file only says what each phase
+computes and when an update ends. Each model's gradients are reduced once per update, on the
+last micro-batch, and a phase that trains G computes no gradient of D.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 
-from gan_dist.losses import d_loss, g_loss
 from gan_dist.parallel.base import Strategy
+from gan_dist.recipe import Phase, Recipe, squared_grad_norm
 
-Batch = tuple[torch.Tensor, torch.Tensor]  # (real images, latent z)
+
+@dataclass
+class Batch:
+    """One micro-batch of one rank: real images and their labels, the latents and labels of
+    the fakes (labels None for an unconditional model)."""
+    real: torch.Tensor
+    z: torch.Tensor
+    real_c: Optional[torch.Tensor] = None
+    fake_c: Optional[torch.Tensor] = None
 
 
-def train_step(strategy: Strategy, batches: Sequence[Sequence[Batch]],
-               loss_kind: str = "nonsaturating") -> dict[str, torch.Tensor]:
-    """One G update preceded by len(batches) D updates, each over len(batches[0]) micro-batches.
+def d_terms(strategy: Strategy, recipe: Recipe, phase: Phase, b: Batch,
+            fake: Optional[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of a D phase on one micro-batch: the adversarial term and/or the penalties.
 
-    The G forward of the last D update is reused by the G update (one G forward per
-    iteration, as in the DCGAN example). With gradient accumulation the fakes are generated
-    again in the G phase instead: keeping every micro-batch's graph alive would cost what
-    accumulation exists to save. Returns detached scalar tensors; nothing here syncs the host.
+    One forward of D per input: a penalised input requires grad, and the adversarial term
+    reads the same logits. A penalty-only phase adds `logits * 0` so that every parameter of D
+    takes part in the backward (DDP waits for all of them)."""
+    D, terms = strategy.D, phase.terms
+    real = b.real.detach().requires_grad_("r1" in terms)
+    real_logits = D(real, b.real_c) if "adv" in terms or "r1" in terms else None
+    fake_logits = None
+    if "adv" in terms or "r2" in terms:
+        fake = fake.detach().requires_grad_("r2" in terms)
+        fake_logits = D(fake, b.fake_c)
+    if "adv" in terms:
+        loss, stats = recipe.loss.d_loss(real_logits, fake_logits)
+        stats["loss/D"] = loss.detach()
+    else:
+        loss = sum(l.float().sum() for l in (real_logits, fake_logits) if l is not None) * 0.0
+        stats = {}
+    for name, inputs, logits in (("r1", real, real_logits), ("r2", fake, fake_logits)):
+        if name in terms:
+            penalty = recipe.gammas[name] / 2 * squared_grad_norm(strategy, logits, inputs)
+            loss = loss + penalty * phase.weight
+            stats[f"loss/{name}"] = penalty.detach()
+    return loss, stats
+
+
+def train_step(strategy: Strategy, recipe: Recipe, batches: Sequence[Sequence[Batch]],
+               step: int = 0) -> dict[str, torch.Tensor]:
+    """One iteration (0-based `step`) over len(batches) D updates of len(batches[0]) micro-batches.
+
+    The G forward of the last D update is reused by the G update (one G forward per iteration,
+    as in the DCGAN example). With gradient accumulation the fakes are generated again in the
+    G phase instead: keeping every micro-batch's graph alive would cost what accumulation
+    exists to save. Returns detached scalar tensors named for TensorBoard (the last D update's
+    statistics); nothing here syncs the host.
     """
     G, D = strategy.G, strategy.D
     n_micro = len(batches[0])
     reuse_fake = n_micro == 1
-    stats = {k: torch.zeros((), device=strategy.device)
-             for k in ("loss_D", "loss_G", "D_x", "D_G_z1", "D_G_z2")}
+    stats: dict[str, torch.Tensor] = {}
     fake = None
 
-    # (1) Update D network
-    for d_step, micro_batches in enumerate(batches):
-        last_d = d_step == len(batches) - 1
-        for i, (real, z) in enumerate(micro_batches):
-            with strategy.phase("D", sync=i == n_micro - 1):
-                with strategy.autocast():
-                    with torch.set_grad_enabled(last_d and reuse_fake):
-                        fake = G(z)
-                    real_logits = D(real)
-                    fake_logits = D(fake.detach())
-                loss = d_loss(real_logits, fake_logits)
-                strategy.backward(loss / n_micro, "D")
-            if last_d:
-                stats["loss_D"] += loss.detach() / n_micro
-                stats["D_x"] += torch.sigmoid(real_logits.detach().float()).mean() / n_micro
-                stats["D_G_z1"] += torch.sigmoid(fake_logits.detach().float()).mean() / n_micro
-        strategy.step("D")
+    def record(values: dict[str, torch.Tensor]) -> None:
+        for k, v in values.items():
+            stats[k] = stats.get(k, 0.0) + v.float() / n_micro
 
-    # (2) Update G network
-    for i, (real, z) in enumerate(batches[-1]):
-        with strategy.phase("G", sync=i == n_micro - 1):
-            with strategy.autocast():
-                if not reuse_fake:
-                    fake = G(z)
-                fake_logits = D(fake)
-            loss = g_loss(fake_logits, loss_kind)
-            strategy.backward(loss / n_micro, "G")
-        stats["loss_G"] += loss.detach() / n_micro
-        stats["D_G_z2"] += torch.sigmoid(fake_logits.detach().float()).mean() / n_micro
-    strategy.step("G")
+    for phase in recipe.due(step):
+        updates = batches if phase.name == "Dmain" else batches[-1:]
+        for u, micro_batches in enumerate(updates):
+            last = u == len(updates) - 1
+            for i, b in enumerate(micro_batches):
+                with strategy.phase(phase.trains, sync=i == n_micro - 1, double_backward=phase.double_backward):
+                    with strategy.autocast():
+                        if phase.trains == "D":
+                            needs_fake = "adv" in phase.terms or "r2" in phase.terms
+                            if needs_fake and (phase.name == "Dmain" or fake is None or not reuse_fake):
+                                # (1) the fakes of a D update; kept with their graph for Gmain
+                                with torch.set_grad_enabled(phase.name == "Dmain" and last and reuse_fake):
+                                    fake = G(b.z, b.fake_c)
+                            loss, values = d_terms(strategy, recipe, phase, b, fake)
+                        else:
+                            # (2) the G update: D frozen, no gradient of D computed or reduced
+                            if not reuse_fake:
+                                fake = G(b.z, b.fake_c)
+                            real_logits = D(b.real, b.real_c) if recipe.loss.g_needs_real else None
+                            loss, values = recipe.loss.g_loss(D(fake, b.fake_c), real_logits)
+                            values["loss/G"] = loss.detach()
+                    strategy.backward(loss / n_micro, phase.trains)
+                if last:
+                    record(values)
+            strategy.step(phase.trains)
     return stats

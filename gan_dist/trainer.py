@@ -26,8 +26,8 @@ from gan_dist.ema import build_ema
 from gan_dist.faults import (EXIT_RETRY, FaultInjector, NonFiniteError, NonFiniteGuard, StepAgreement,
                              StopSignals, signal_name)
 from gan_dist.runlog import RunLogger, Throughput, save_grid
-from gan_dist.loop import train_step
-from gan_dist.models import build_models
+from gan_dist.loop import Batch, train_step
+from gan_dist.build import setup_models, step_batches
 from gan_dist.parallel import build_strategy
 
 NUM_SAMPLES = 64  # images in a sample grid
@@ -70,8 +70,7 @@ class Trainer:
         seed_everything(cfg.run.seed, info.rank)
 
         self.strategy = build_strategy(info, cfg)
-        G, D = build_models(cfg.model, cfg.run.seed)
-        self.strategy.setup(G, D)
+        self.recipe, self.spec, self.params = setup_models(self.strategy, cfg)
         self.ema = build_ema(self.strategy, cfg.ema)  # before resuming: checkpoints hold its state
 
         shards = shared_shards(cfg, info.is_main, gdist.broadcast_object)
@@ -81,15 +80,14 @@ class Trainer:
         from gan_dist.metrics.evaluation import training_evaluator
         self.evaluator = training_evaluator(cfg, self.urls, self.device, info.is_main)
         self.last_eval: Optional[dict] = None
-        self.noise = torch.Generator(device=self.device).manual_seed(cfg.run.seed * 1000 + info.rank + 1)
-        self.fixed_noise = torch.randn(NUM_SAMPLES, cfg.model.nz,
+        self.fixed_noise = torch.randn(NUM_SAMPLES, self.spec.z_dim,
                                        generator=torch.Generator().manual_seed(cfg.run.seed)).to(self.device)
         self.step = 0
         self.images_seen = 0
         t = cfg.train
         self.images_per_step = t.batch_size * t.grad_accum * t.d_steps * info.world_size
-        self.guard = NonFiniteGuard(self.strategy, t.max_nonfinite)
-        self.inject = FaultInjector(info.rank)
+        self.guard = NonFiniteGuard(self.strategy)
+        FaultInjector.install(self)  # test-only: replaces next_batches when GAN_DIST_INJECT_NAN is set
         self.ckpt = Checkpointer(Path(t.ckpt_dir) if t.ckpt_dir else self.run_dir / "checkpoints",
                                  t.keep_ckpts, info)
         self.last_saved_step: Optional[int] = None
@@ -100,11 +98,9 @@ class Trainer:
         self.write_run_info("running")
 
     # ---- the loop -------------------------------------------------------------------------
-    def next_batches(self) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
-        t = self.cfg.train
-        return [[(next(self.data), torch.randn(t.batch_size, self.cfg.model.nz, device=self.device,
-                                               generator=self.noise))
-                 for _ in range(t.grad_accum)] for _ in range(t.d_steps)]
+    def next_batches(self) -> list[list[Batch]]:
+        return step_batches(self.cfg, self.spec, self.step, self.info.rank, self.info.world_size,
+                            lambda: next(self.data), self.device)
 
     def fit(self) -> int:
         """Train up to train.steps (a total: a resumed run continues). Returns the exit code:
@@ -117,9 +113,9 @@ class Trainer:
         with StopSignals() as stop:
             agreement = StepAgreement()
             while self.step < t.steps:
-                batches = self.inject(self.step + 1, self.next_batches())
+                batches = self.next_batches()
                 self.guard.before_step()
-                stats = train_step(self.strategy, batches, t.loss)
+                stats = train_step(self.strategy, self.recipe, batches, self.step)
                 self.step += 1
                 self.images_seen += self.images_per_step
                 self.guard.after_step()
@@ -202,7 +198,7 @@ class Trainer:
             "ema": self.ema.state_dict() if self.ema is not None else None,
         }
         rank_state = {
-            "rank": self.info.rank, "rng": rng_state(self.device), "noise": self.noise.get_state(),
+            "rank": self.info.rank, "rng": rng_state(self.device),
             "data": self.data.state_dict(),
             "skipped_updates": dict(self.strategy.skipped_updates),  # as this rank counted them
         }
@@ -228,7 +224,6 @@ class Trainer:
             self.data.load_state_dict(rank_state["data"])
             # last: creating the data iterator draws from the torch RNG
             set_rng_state(rank_state["rng"], self.device)
-            self.noise.set_state(rank_state["noise"])
         if self.info.is_main:
             note(f"resumed from {str(path)!r} at step {self.step} ({self.images_seen} images seen)")
         return str(path)
@@ -238,8 +233,7 @@ class Trainer:
         values = gdist.all_reduce_mean(torch.stack([stats[k].float() for k in keys])).tolist()
         v = dict(zip(keys, values))
         self.logger.scalars(self.step, {
-            "loss/D": v["loss_D"], "loss/G": v["loss_G"], "D/real": v["D_x"],
-            "D/fake_before_D_update": v["D_G_z1"], "D/fake_after_D_update": v["D_G_z2"],
+            **v,  # the recipe's own statistics: losses, penalties, what the loss says of D's logits
             "perf/img_per_sec": img_per_sec,
             "perf/img_per_sec_per_process": img_per_sec / self.info.world_size,
             "progress/kimg": self.images_seen / 1000.0,
@@ -274,7 +268,8 @@ class Trainer:
         self.logger.images(self.step, "samples", images, path)
 
     def evaluate(self) -> None:
-        """FD/KID (and class coverage) of the EMA generator, every rank generating its share. Collective."""
+        """eval.metrics of the EMA generator (FID, KID, IS, precision/recall or the digits metrics),
+        every rank generating its share. Collective."""
         if self.evaluator is None:
             return
         self.strategy.sync_buffers()  # every rank's share from the same BatchNorm statistics
@@ -282,7 +277,7 @@ class Trainer:
             result = self.evaluator.run(self.samples, self.device)
         result = {"step": self.step, "kimg": self.images_seen / 1000.0, **result}
         self.last_eval = result
-        keys = (self.evaluator.fd_key, "kid", "class_coverage")
+        keys = self.evaluator.metric_keys
         self.logger.scalars(self.step, {f"metrics/{k}": result[k] for k in keys if k in result})
         if self.info.is_main:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
@@ -330,6 +325,10 @@ class Trainer:
             "images_seen": self.images_seen,
             "resumed_from": self.resumed_from,
             "ema": self.ema is not None,
+            "model": self.spec.family,
+            "params": self.params,
+            "phases": [{"name": p.name, "trains": p.trains, "terms": list(p.terms), "every": p.every}
+                       for p in self.recipe.phases],
             "eval": self.last_eval,
             "data": self.data_summary,
             "elapsed_s": round(elapsed, 3),

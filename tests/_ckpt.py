@@ -17,7 +17,7 @@ from tests._mp import PYTHON, REPO, base_env, free_port, run
 from tests.conftest import TINY
 
 # a tiny model; sample grids and logs rarely, so that the runs spend their time training
-ARGS = [*TINY, "train.log_every=1000", "train.sample_every=1000", "model.norm=batch", "eval.enabled=false"]
+ARGS = [*TINY, "train.log_every=1000", "train.sample_every=1000", "model.dcgan.norm=batch", "eval.enabled=false"]
 TRAIN = ["-m", "gan_dist.train"]
 BIN = Path(PYTHON).parent
 

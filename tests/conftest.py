@@ -13,6 +13,6 @@ def _isolated_cache(tmp_path_factory):
     yield
 
 
-TINY = ["model.ngf=8", "model.ndf=8", "model.nz=16", "train.batch_size=8", "train.steps=4",
+TINY = ["model.dcgan.ngf=8", "model.dcgan.ndf=8", "model.dcgan.nz=16", "train.batch_size=8", "train.steps=4",
         "data.num_workers=1", "train.precision=fp32", "run.threads=1", "train.log_every=2",
         "data.shuffle_buffer=50", "eval.enabled=false"]

@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.timeout(600)]
 
 THROUGHPUT = str(REPO / "benchmarks" / "throughput.py")
 SEED_LOOP = str(REPO / "benchmarks" / "seed_loop.py")
-TINY_MODEL = ["model.ngf=4", "model.ndf=4", "model.nz=8"]
+TINY_MODEL = ["model.dcgan.ngf=4", "model.dcgan.ndf=4", "model.dcgan.nz=8"]
 TINY = ["--model", "dcgan-32", "--batch-size", "4", *[a for kv in TINY_MODEL for a in ("--set", kv)],
         "--warmup", "1", "--repeats", "2", "--iters", "2", "--peak-size", "256"]
 

@@ -7,13 +7,13 @@ import torch
 
 from gan_dist.config import load_config
 from gan_dist.distributed import DistInfo
-from gan_dist.loop import train_step
-from gan_dist.models import build_models
+from gan_dist.loop import Batch, train_step
+from gan_dist.build import setup_models
 from gan_dist.parallel import build_strategy
 from gan_dist.parallel.base import NAMES
 
 # the plain eager fp32 step: every speed setting off
-TINY = ["model.ngf=4", "model.ndf=4", "model.nz=8", "train.batch_size=4", "train.precision=fp32",
+TINY = ["model.dcgan.ngf=4", "model.dcgan.ndf=4", "model.dcgan.nz=8", "train.batch_size=4", "train.precision=fp32",
         "parallel.strategy=none", "train.channels_last=false", "train.compile=false"]
 INFO = DistInfo(0, 1, 0, 1, 0, torch.device("cpu"), None, "python")
 
@@ -21,12 +21,12 @@ INFO = DistInfo(0, 1, 0, 1, 0, torch.device("cpu"), None, "python")
 def train(overrides: list[str], steps: int = 2):
     cfg = load_config(None, [*TINY, *overrides])
     strategy = build_strategy(INFO, cfg)
-    strategy.setup(*build_models(cfg.model, seed=0))
+    recipe, _, _ = setup_models(strategy, cfg, seed=0)
     gen = torch.Generator().manual_seed(0)
     for _ in range(steps):
         real = torch.rand(4, 1, 32, 32, generator=gen) * 2 - 1
         z = torch.randn(4, 8, generator=gen)
-        train_step(strategy, [[(real, z)]])
+        train_step(strategy, recipe, [[Batch(real, z)]])
     state = {n: {k: v.detach().clone() for k, v in strategy.raw[n].state_dict().items()} for n in NAMES}
     return strategy, state
 
@@ -49,12 +49,11 @@ def test_adam_is_fused_on_cpu_and_matches_foreach(eager):
     # the same updates as the foreach implementation
     cfg = load_config(None, TINY)
     foreach = build_strategy(INFO, cfg)
-    foreach.make_optimizer = lambda module, name: torch.optim.Adam(  # type: ignore[method-assign]
-        module.parameters(), lr=cfg.train.lr_g, betas=(cfg.train.beta1, cfg.train.beta2), foreach=True)
-    foreach.setup(*build_models(cfg.model, seed=0))
+    recipe, _, _ = setup_models(foreach, cfg, seed=0, make_optimizer=lambda name, params, **kw: torch.optim.Adam(
+        params, lr=cfg.train.lr_g, betas=(cfg.train.beta1, cfg.train.beta2), foreach=True))
     gen = torch.Generator().manual_seed(0)
     for _ in range(2):
-        train_step(foreach, [[(torch.rand(4, 1, 32, 32, generator=gen) * 2 - 1, torch.randn(4, 8, generator=gen))]])
+        train_step(foreach, recipe, [[Batch(torch.rand(4, 1, 32, 32, generator=gen) * 2 - 1, torch.randn(4, 8, generator=gen))]])
     assert not foreach.optimizers["G"].defaults["fused"]
     assert_same_updates(eager, {n: foreach.raw[n].state_dict() for n in NAMES})
 

@@ -15,30 +15,32 @@ from gan_dist.checkpoint import (FORMAT, LATEST, MANIFEST, CheckpointError, Chec
 from gan_dist.config import load_config, to_dict, to_yaml
 from gan_dist.distributed import DistInfo
 from gan_dist.faults import EXIT_CHECKPOINT
-from gan_dist.models import build_models
+from gan_dist.build import setup_models
 from gan_dist.parallel import build_strategy
 from tests._ckpt import latest, models, step_of, train, train_cmd
 from tests._mp import PYTHON, REPO, run
 
 INFO = DistInfo(0, 1, 0, 1, 0, torch.device("cpu"), None, "python")
-TINY_MODEL = ["model.ngf=8", "model.ndf=8", "model.nz=16", "train.precision=fp32"]
+TINY_MODEL = ["model.dcgan.ngf=8", "model.dcgan.ndf=8", "model.dcgan.nz=16", "train.precision=fp32"]
 
 
 def make(*overrides: str):
     cfg = load_config(None, [*TINY_MODEL, *overrides])
     strategy = build_strategy(INFO, cfg)
-    strategy.setup(*build_models(cfg.model, seed=1))
+    setup_models(strategy, cfg, seed=1)
     return cfg, strategy
 
 
 def train_a_little(strategy, steps: int = 1) -> None:
-    from gan_dist.loop import train_step
+    from gan_dist.loop import Batch, train_step
+    from gan_dist.recipe import build_recipe
 
+    recipe = build_recipe(load_config(None, TINY_MODEL))
     g = torch.Generator().manual_seed(steps)
     for _ in range(steps):
         real = torch.rand(4, 1, 32, 32, generator=g) * 2 - 1
         z = torch.randn(4, 16, generator=g)
-        train_step(strategy, [[(real, z)]])
+        train_step(strategy, recipe, [[Batch(real, z)]])
 
 
 def save(ckpt: Checkpointer, cfg, strategy, step: int) -> Path:
@@ -158,11 +160,11 @@ def test_model_config_mismatch_names_the_keys(tmp_path):
     cfg, strategy = make()
     ckpt = Checkpointer(tmp_path, keep=3, info=INFO)
     path = save(ckpt, cfg, strategy, 1)
-    cfg16, other = make("model.ngf=16", "model.nz=32")
+    cfg16, other = make("model.dcgan.ngf=16", "model.dcgan.nz=32")
     with pytest.raises(CheckpointError) as e:
         ckpt.load(path, other, to_dict(cfg16))
     msg = str(e.value)
-    assert "model.ngf: checkpoint 8, this run 16" in msg and "model.nz: checkpoint 16, this run 32" in msg
+    assert "model.dcgan.ngf: checkpoint 8, this run 16" in msg and "model.dcgan.nz: checkpoint 16, this run 32" in msg
     assert str(path) in msg
 
 

@@ -10,9 +10,9 @@ from tests._mp import PYTHON, REPO, base_env, run
 
 def test_defaults_yaml_and_overrides(tmp_path):
     f = tmp_path / "c.yaml"
-    f.write_text("train:\n  steps: 7\nmodel:\n  norm: none\n")
+    f.write_text("train:\n  steps: 7\nmodel:\n  dcgan:\n    norm: none\n")
     cfg = load_config(f, ["train.batch_size=3", "run.dir=/tmp/r", "data.urls=[a.tar,b.tar]"])
-    assert cfg.train.steps == 7 and cfg.model.norm == "none"
+    assert cfg.train.steps == 7 and cfg.model.dcgan.norm == "none"
     assert cfg.train.batch_size == 3 and cfg.run.dir == "/tmp/r"
     assert cfg.data.urls == ["a.tar", "b.tar"]
     assert load_config().train.precision in ("fp32", "bf16", "fp16")
@@ -24,13 +24,34 @@ def test_defaults_yaml_and_overrides(tmp_path):
     ("train.batch_size=0", "train.batch_size"),
     ("train.batch_size=abc", "train.batch_size"),
     ("train.precision=fp8", "train.precision"),
-    ("model.norm=group", "model.norm"),
+    ("model.dcgan.norm=group", "model.dcgan.norm"),
     ("parallel.strategy=horovod", "parallel.strategy"),
     ("train.lr_g=-1", "train.lr_g"),
+    ("train.loss=wasserstein", "train.loss"),
+    ("reg.r1_gamma=-1", "reg.r1_gamma"),
+    ("reg.r2_gamma=-0.5", "reg.r2_gamma"),
+    ("reg.d_every=0", "reg.d_every"),
+    ("model.resolution=48", "model.resolution"),
+    ("model.resolution=big", "model.resolution"),
+    ("model.arch=biggan", "model.arch"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(None, [override])
+
+
+def test_a_moved_key_says_where_it_lives_now_and_old_run_configs_are_upgraded(tmp_path):
+    with pytest.raises(ConfigError, match=r"'model\.ngf'.*now 'model\.dcgan\.ngf'"):
+        load_config(None, ["model.ngf=8"])
+    old = tmp_path / "config.yaml"  # a run directory's config.yaml from before the model sections
+    old.write_text("model:\n  arch: dcgan\n  nz: 16\n  ngf: 8\n  ndf: 8\n  norm: none\n")
+    cfg = load_config(old, upgrade=True)
+    assert (cfg.model.dcgan.nz, cfg.model.dcgan.ngf, cfg.model.dcgan.norm) == (16, 8, "none")
+
+
+def test_compile_with_a_penalty_is_refused_before_any_work():
+    with pytest.raises(ConfigError, match=r"train\.compile.*reg\.r1_gamma"):
+        load_config(None, ["train.compile=true", "reg.r1_gamma=1"])
 
 
 def test_bad_yaml_file_names_the_file_and_key(tmp_path):

@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.multiproc, pytest.mark.timeout(300)]
 WORKER = str(REPO / "tests" / "workers" / "data_ranks.py")
 PER_RANK = str(REPO / "tests" / "workers" / "per_rank.py")
 TRAIN = str(REPO / "gan_dist" / "train.py")
-TINY = ["model.ngf=8", "model.ndf=8", "model.nz=16", "train.batch_size=8", "train.precision=fp32",
+TINY = ["model.dcgan.ngf=8", "model.dcgan.ndf=8", "model.dcgan.nz=16", "train.batch_size=8", "train.precision=fp32",
         "run.threads=1", "train.log_every=2", "data.shuffle_buffer=16"]
 
 

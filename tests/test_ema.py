@@ -10,21 +10,21 @@ import torch
 from gan_dist.config import load_config
 from gan_dist.distributed import DistInfo
 from gan_dist.ema import EMA, build_ema, ema_beta
+from gan_dist.build import setup_models
 from gan_dist.models import build_models
 from gan_dist.parallel import build_strategy
 from tests._mp import PYTHON, REPO, run, run_ranks
 
 WORKER = str(REPO / "tests" / "workers" / "eval_ema_worker.py")
 PER_RANK = str(REPO / "tests" / "workers" / "per_rank.py")
-TINY_MODEL = ["train.precision=fp32", "model.norm=batch", "model.ngf=8", "model.ndf=8", "model.nz=16"]
+TINY_MODEL = ["train.precision=fp32", "model.dcgan.norm=batch", "model.dcgan.ngf=8", "model.dcgan.ndf=8", "model.dcgan.nz=16"]
 
 
 def one_process_strategy(*overrides: str):
     info = DistInfo(0, 1, 0, 1, 0, torch.device("cpu"), None, "python")
     cfg = load_config(None, [*TINY_MODEL, *overrides])
     strategy = build_strategy(info, cfg)
-    G, D = build_models(cfg.model, seed=3)
-    strategy.setup(G, D)
+    recipe, _, _ = setup_models(strategy, cfg, seed=3)
     return strategy, cfg
 
 

@@ -9,8 +9,8 @@ from gan_dist.checkpoint import verify
 from gan_dist.config import load_config
 from gan_dist.distributed import DistInfo
 from gan_dist.faults import EXIT_NONFINITE, INJECT_NAN_ENV, NonFiniteGuard, parse_inject_nan
-from gan_dist.loop import train_step
-from gan_dist.models import build_models
+from gan_dist.loop import Batch, train_step
+from gan_dist.build import setup_models
 from gan_dist.parallel import build_strategy
 from tests._ckpt import Ranks, assert_tensors_equal, latest, models, step_of, train, train_cmd
 from tests._mp import base_env
@@ -25,19 +25,20 @@ def snapshot(strategy) -> dict:
 
 
 def test_a_nan_batch_skips_the_d_update_and_restores_batchnorm_statistics():
-    cfg = load_config(None, ["model.ngf=8", "model.ndf=8", "model.nz=16", "train.precision=fp32", "model.norm=batch"])
+    cfg = load_config(None, ["model.dcgan.ngf=8", "model.dcgan.ndf=8", "model.dcgan.nz=16", "train.precision=fp32", "model.dcgan.norm=batch"])
     strategy = build_strategy(INFO, cfg)
-    strategy.setup(*build_models(cfg.model, seed=1))
-    guard = NonFiniteGuard(strategy, max_consecutive=2)
+    recipe, _, _ = setup_models(strategy, cfg, seed=1)
+    guard = NonFiniteGuard(strategy)
     g = torch.Generator().manual_seed(0)
-    batch = lambda: [[(torch.rand(4, 1, 32, 32, generator=g) * 2 - 1, torch.randn(4, 16, generator=g))]]  # noqa: E731
+    batch = lambda: [[Batch(torch.rand(4, 1, 32, 32, generator=g) * 2 - 1, torch.randn(4, 16, generator=g))]]  # noqa: E731
     guard.before_step()
-    train_step(strategy, batch())
+    train_step(strategy, recipe, batch())
     assert guard.after_step().item() == 0.0 and guard.streak == 0
     before = snapshot(strategy)
-    (real, z), = batch()[0]
+    (b,) = batch()[0]
+    real, z = b.real, b.z
     guard.before_step()
-    train_step(strategy, [[(torch.full_like(real, float("nan")), z)]])
+    train_step(strategy, recipe, [[Batch(torch.full_like(real, float("nan")), z)]])
     assert guard.after_step().item() == 1.0 and strategy.skipped_updates == {"G": 0, "D": 1}
     after = snapshot(strategy)
     # D: weights, BatchNorm statistics and Adam state exactly as before the bad step
@@ -46,11 +47,11 @@ def test_a_nan_batch_skips_the_d_update_and_restores_batchnorm_statistics():
     # G was updated: its loss only saw D on fakes, which stayed finite
     assert any(not torch.equal(v, before["models"]["G"][k]) for k, v in after["models"]["G"].items())
     assert all(torch.isfinite(v).all() for v in after["models"]["D"].values() if v.is_floating_point())
-    assert not guard.exhausted()
+    assert guard.streak == 1
     guard.before_step()
-    train_step(strategy, [[(torch.full_like(real, float("inf")), z)]])
+    train_step(strategy, recipe, [[Batch(torch.full_like(real, float("inf")), z)]])
     guard.after_step()
-    assert guard.exhausted() and guard.streak == 2
+    assert guard.streak == 2
 
 
 @pytest.mark.parametrize("value, expected", [("1:3", (1, 3, 1)), ("0:5:0", (0, 5, 0)), ("2:1:4", (2, 1, 4)),
@@ -118,17 +119,23 @@ def test_consecutive_nonfinite_steps_stop_the_run_and_keep_the_last_good_checkpo
     assert "Traceback" not in r.stderr
 
 
+# the updates a NaN real batch spoils: Dmain (and Dreg when due); G's too when its loss reads D(x)
+@pytest.mark.parametrize("reg, spoiled", [([], {"G": 0, "D": 1}),
+                                          (["reg.r1_gamma=1", "reg.r2_gamma=1"], {"G": 0, "D": 1}),
+                                          (["reg.r1_gamma=1", "reg.d_every=2", "train.loss=rpgan"], {"G": 1, "D": 2})],
+                         ids=["plain", "penalties", "lazy-rpgan"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_training_step_and_guard_never_read_a_tensor_on_the_host(monkeypatch, precision):
+def test_training_step_and_guard_never_read_a_tensor_on_the_host(monkeypatch, precision, reg, spoiled):
     """The hot loop stays on the device: neither a good nor a NaN step calls .item(), .tolist()
     or bool()/float()/int() of a tensor (each would be a host sync on a GPU)."""
-    cfg = load_config(None, ["model.ngf=8", "model.ndf=8", "model.nz=16", f"train.precision={precision}"])
+    cfg = load_config(None, ["model.dcgan.ngf=8", "model.dcgan.ndf=8", "model.dcgan.nz=16",
+                             f"train.precision={precision}", *reg])
     strategy = build_strategy(INFO, cfg)
-    strategy.setup(*build_models(cfg.model, seed=1))
-    guard = NonFiniteGuard(strategy, max_consecutive=5)
+    recipe, _, _ = setup_models(strategy, cfg, seed=1)
+    guard = NonFiniteGuard(strategy)
     g = torch.Generator().manual_seed(0)
     real, z = torch.rand(4, 1, 32, 32, generator=g) * 2 - 1, torch.randn(4, 16, generator=g)
-    train_step(strategy, [[(real, z)]])  # first step: optimizer state is created
+    train_step(strategy, recipe, [[Batch(real, z)]])  # first step: optimizer state is created
 
     def host_read(*args, **kwargs):
         raise AssertionError("a tensor was read on the host inside the training step")
@@ -138,6 +145,6 @@ def test_training_step_and_guard_never_read_a_tensor_on_the_host(monkeypatch, pr
             m.setattr(torch.Tensor, name, host_read)
         for batch in (real, torch.full_like(real, float("nan"))):
             guard.before_step()
-            train_step(strategy, [[(batch, z)]])
+            train_step(strategy, recipe, [[Batch(batch, z)]], step=0)  # step 0: a lazy phase is due
             guard.after_step()
-    assert strategy.skipped_updates == {"G": 0, "D": 1} and guard.streak == 1
+    assert strategy.skipped_updates == spoiled and guard.streak == 1

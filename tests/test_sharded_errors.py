@@ -5,7 +5,7 @@ import pytest
 
 from tests._mp import PYTHON, base_env, run
 
-TINY = ["model.ngf=8", "model.ndf=8", "model.nz=16", "train.batch_size=8", "data.num_workers=0",
+TINY = ["model.dcgan.ngf=8", "model.dcgan.ndf=8", "model.dcgan.nz=16", "train.batch_size=8", "data.num_workers=0",
         "run.threads=1", "eval.enabled=false", "train.steps=1"]
 
 

@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.multiproc, pytest.mark.timeout(600)]
 def test_memory_benchmark_counts_whole_and_sharded_state(tmp_path):
     out = tmp_path / "memory.json"
     run([PYTHON, str(REPO / "benchmarks" / "memory.py"), "--strategies", "ddp,fsdp", "--world-sizes", "2",
-         "--set", "model.ngf=16", "--set", "model.ndf=16", "--json", str(out), "--md", str(tmp_path / "m.md")],
+         "--set", "model.dcgan.ngf=16", "--set", "model.dcgan.ndf=16", "--json", str(out), "--md", str(tmp_path / "m.md")],
         timeout=500, env=base_env(), cwd=REPO)
     result = json.loads(out.read_text())
     rows = {r["strategy"]: r for r in result["rows"]}

@@ -15,7 +15,7 @@ from tests._mp import PYTHON, base_env, free_port, run, run_ranks
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.timeout(600)]
 
-TINY = ["model.ngf=8", "model.ndf=8", "model.nz=16", "train.batch_size=8", "data.num_workers=0",
+TINY = ["model.dcgan.ngf=8", "model.dcgan.ndf=8", "model.dcgan.nz=16", "train.batch_size=8", "data.num_workers=0",
         "run.threads=1", "eval.enabled=false", "train.log_every=1"]
 
 
@@ -35,7 +35,7 @@ def sample_alone(run_dir: Path) -> torch.Tensor:
     assert all(v.dtype in (torch.float32, torch.int64) for v in state.values())
     G.eval()
     with torch.no_grad():
-        images = G(torch.randn(16, cfg.model.nz, generator=torch.Generator().manual_seed(0)))
+        images = G(torch.randn(16, cfg.model.dcgan.nz, generator=torch.Generator().manual_seed(0)))
     assert images.shape == (16, cfg.model.channels, cfg.model.resolution, cfg.model.resolution)
     assert torch.isfinite(images).all() and images.abs().max() <= 1 and images.std() > 0
     return images
@@ -43,13 +43,13 @@ def sample_alone(run_dir: Path) -> torch.Tensor:
 
 def test_fsdp_bf16_with_batchnorm_trains_resumes_and_exports(tmp_path):
     run_dir = tmp_path / "fsdp"
-    info = train(run_dir, "parallel.strategy=fsdp", "train.precision=bf16", "model.norm=batch",
+    info = train(run_dir, "parallel.strategy=fsdp", "train.precision=bf16", "model.dcgan.norm=batch",
                  "train.steps=4", "train.ckpt_every=2")
     assert (info["strategy"], info["world_size"], info["precision"], info["status"]) == ("fsdp", 2, "bf16", "finished")
     shards = sorted(p.name for p in (run_dir / "checkpoints" / "step000000004" / "fsdp").iterdir())
     assert "__0_0.distcp" in shards and "__1_0.distcp" in shards
     # a longer run in the same directory continues from the sharded checkpoint
-    info = train(run_dir, "parallel.strategy=fsdp", "train.precision=bf16", "model.norm=batch",
+    info = train(run_dir, "parallel.strategy=fsdp", "train.precision=bf16", "model.dcgan.norm=batch",
                  "train.steps=6", "train.ckpt_every=2")
     assert info["strategy"] == "fsdp" and info["steps"] == 6
     assert info["resumed_from"].endswith("step000000004")

@@ -1,29 +1,35 @@
-"""Model families. Each builder takes the `model` config section; nothing here knows about
-distribution."""
+"""Model families, one folder each; `model.arch` picks one. Nothing here knows about
+distribution, and nothing outside this package names a family."""
 from __future__ import annotations
 
-import torch
+from typing import Any, Callable
+
 from torch import nn
 
-from gan_dist.models.dcgan import Discriminator, Generator, dcgan_init_
+from gan_dist.models import dcgan
+from gan_dist.models.spec import ModelSpec
+
+FAMILIES: dict[str, Callable[[Any], ModelSpec]] = {"dcgan": dcgan.spec}
 
 
-def build_models(model_cfg, seed: int) -> tuple[nn.Module, nn.Module]:
+def model_spec(model_cfg: Any) -> ModelSpec:
+    """The spec of `model.arch`, after the family has checked its settings (ConfigError)."""
+    if model_cfg.arch not in FAMILIES:
+        from gan_dist.config import ConfigError
+        raise ConfigError(f"model.arch={model_cfg.arch!r} is not one of: {', '.join(FAMILIES)}")
+    spec = FAMILIES[model_cfg.arch](model_cfg)
+    spec.check(model_cfg)
+    return spec
+
+
+def build_models(model_cfg: Any, seed: int) -> tuple[nn.Module, nn.Module]:
     """G and D with weights drawn from `seed`, identical on every rank."""
-    if model_cfg.arch != "dcgan":
-        raise ValueError(f"model.arch={model_cfg.arch!r} is not a known architecture (dcgan)")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        G = Generator(model_cfg.nz, model_cfg.ngf, model_cfg.channels, model_cfg.resolution, model_cfg.norm)
-        D = Discriminator(model_cfg.ndf, model_cfg.channels, model_cfg.resolution, model_cfg.norm)
-        dcgan_init_(G)
-        dcgan_init_(D)
-    return G, D
+    return model_spec(model_cfg).build(seed)
 
 
-def build_generator(model_cfg) -> nn.Module:
+def build_generator(model_cfg: Any) -> nn.Module:
     """An uninitialised G of the configured shape, e.g. to load generator.pt into."""
-    return Generator(model_cfg.nz, model_cfg.ngf, model_cfg.channels, model_cfg.resolution, model_cfg.norm)
+    return model_spec(model_cfg).make_generator()
 
 
-__all__ = ["Generator", "Discriminator", "dcgan_init_", "build_models", "build_generator"]
+__all__ = ["FAMILIES", "ModelSpec", "model_spec", "build_models", "build_generator"]

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
 
 from gan_dist.distributed import DistInfo
 from gan_dist.matmul_conv import use_matmul_convs
+from gan_dist.optim import OptimizerFactory
 
 NAMES = ("G", "D")
 MODELS_FILE = "models.pt"  # inside a checkpoint directory: replicated strategies' state
@@ -44,17 +45,6 @@ class Precision:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
 
-def fused_adam_supported(params: list[torch.Tensor]) -> bool:
-    """Whether torch's fused Adam runs on these parameters (floating point, on a device it has
-    the kernel for); one step for DCGAN-64 on a 2-core CPU: 5 ms fused, 21 ms foreach."""
-    try:
-        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-        devices = set(_get_fused_kernels_supported_devices())
-    except ImportError:
-        devices = {"cuda"}
-    return bool(params) and all(p.is_floating_point() and p.device.type in devices for p in params)
-
-
 def skips_on_device(opt: torch.optim.Optimizer) -> bool:
     """Whether `opt.step()` honours an `opt.found_inf` tensor (torch's fused optimizers): it then
     skips the update on the device, with no host sync."""
@@ -73,9 +63,10 @@ def channels_last_activations(module: nn.Module) -> None:
     """Run the 2-D convolutions of `module` on channels_last (NHWC) activations.
 
     Each convolution's input is made NHWC; oneDNN and cuDNN then choose their NHWC kernels and
-    the outputs stay NHWC through normalisation and activations. The parameters keep their
-    layout: FSDP2 and ZeRO shard and flatten contiguous parameters only, and the kernels
-    reorder weights for themselves anyway.
+    the outputs stay NHWC through normalisation and activations, and so do the weight
+    gradients. The parameters keep their layout here: FSDP2 and ZeRO shard and flatten
+    contiguous parameters only. DDP, whose gradient buckets take the parameters' strides,
+    stores the convolution weights NHWC itself (`parallel.ddp.channels_last_weights`).
     """
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
@@ -121,13 +112,20 @@ class Strategy:
         self._loss_nonfinite: dict[str, torch.Tensor] = {}
 
     # ---- building -------------------------------------------------------------------------
-    def setup(self, G: nn.Module, D: nn.Module) -> None:
-        """Move to the device, wrap, and build the optimizers (after wrapping: FSDP shards)."""
+    def setup(self, G: nn.Module, D: nn.Module, make_optimizer: OptimizerFactory,
+              shard_units: Optional[Callable[[nn.Module], list[nn.Module]]] = None) -> None:
+        """Move to the device, wrap, and build the optimizers with `make_optimizer(name, params)`
+        (after wrapping: FSDP shards). `shard_units` (the model spec's) names the sub-modules
+        that a sharding strategy may gather one at a time."""
+        self.shard_units = shard_units or (lambda module: [])
         for name, module in (("G", G), ("D", D)):
             module = self.prepare_module(module, name)
             self.raw[name] = module
             self.wrapped[name] = self.wrap(module, name)
-            self.optimizers[name] = self.make_optimizer(self.wrapped[name], name)
+            self.optimizers[name] = self.build_optimizer(make_optimizer, name)
+
+    def build_optimizer(self, make_optimizer: OptimizerFactory, name: str) -> torch.optim.Optimizer:
+        return make_optimizer(name, list(self.wrapped[name].parameters()))
 
     def prepare_module(self, module: nn.Module, name: str) -> nn.Module:
         """On the device, with the speed settings of train.channels_last, train.matmul_conv and
@@ -151,13 +149,6 @@ class Strategy:
     def wrap(self, module: nn.Module, name: str) -> nn.Module:
         return module
 
-    def make_optimizer(self, module: nn.Module, name: str) -> torch.optim.Optimizer:
-        """Adam; fused (one kernel per step) where the device has the kernel, else foreach."""
-        lr = self.train_cfg.lr_g if name == "G" else self.train_cfg.lr_d
-        params = list(module.parameters())
-        kind = {"fused": True} if fused_adam_supported(params) else {"foreach": True}
-        return torch.optim.Adam(params, lr=lr, betas=(self.train_cfg.beta1, self.train_cfg.beta2), **kind)
-
     @property
     def G(self) -> nn.Module:
         return self.wrapped["G"]
@@ -172,7 +163,9 @@ class Strategy:
         return contextlib.nullcontext()
 
     @contextlib.contextmanager
-    def phase(self, trained: str, sync: bool = True) -> Iterator[None]:
+    def phase(self, trained: str, sync: bool = True, double_backward: bool = False) -> Iterator[None]:
+        """`trained` trains; the other model is frozen. `double_backward`: the phase takes input
+        gradients of D with create_graph=True (a penalty), see `input_grad`."""
         other = "D" if trained == "G" else "G"
         with contextlib.ExitStack() as stack:
             if not sync:
@@ -184,6 +177,18 @@ class Strategy:
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return self.precision.autocast()
+
+    def input_grad(self, output: torch.Tensor, inputs: torch.Tensor, trained: str) -> torch.Tensor:
+        """d output / d inputs with its graph kept, for a penalty whose backward follows in the same
+        phase (entered with double_backward=True). Owns the loss scaling: under fp16 the inner
+        backward runs on `trained`'s scaled output (small gradients would flush to zero in fp16)
+        and the result is unscaled, so the penalty sees the true gradient. No gradient reaches
+        the parameters here and nothing is reduced: that happens in the phase's one backward."""
+        scaler = self.precision.scalers[trained]
+        scale = scaler.get_scale() if scaler.is_enabled() else None
+        scaled = output * scale if scale is not None else output
+        (grad,) = torch.autograd.grad(scaled, inputs, create_graph=True)
+        return grad / scale if scale is not None else grad
 
     # ---- updates --------------------------------------------------------------------------
     def backward(self, loss: torch.Tensor, trained: str) -> None:
@@ -264,8 +269,20 @@ class Strategy:
             opt.step()
         opt.zero_grad(set_to_none=True)
 
-    def zero_grad(self, trained: str) -> None:
-        self.optimizers[trained].zero_grad(set_to_none=True)
+    # ---- shard access (EMA) ---------------------------------------------------------------
+    def local_tensor(self, p: torch.Tensor) -> torch.Tensor:
+        """The storage of parameter `p` that this rank owns, as a plain tensor aliasing it
+        (call under no_grad): the whole tensor here, a shard or partition where sharded."""
+        return p
+
+    def local_slice(self, full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """The part of a full (unsharded) tensor that this rank's `p` holds. No communication."""
+        return full
+
+    def shards_written(self, name: str) -> contextlib.AbstractContextManager:
+        """Around writes into `name`'s local tensors: no gathered copy of the old values may
+        outlive them. Collective where gathering is."""
+        return contextlib.nullcontext()
 
     def grads(self, trained: str) -> list[torch.Tensor]:
         """This rank's gradient tensors of `trained` (local shards for sharded strategies)."""

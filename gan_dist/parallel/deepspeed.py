@@ -170,11 +170,11 @@ class _Call(nn.Module):
         self.dtype = dtype
         self._use_module = use_module
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: Optional[torch.Tensor] = None) -> torch.Tensor:
         if x.is_floating_point():
             x = x.to(self.dtype)
         fn = self.engine.module if self._use_module() else self.engine
-        return fn(x).float()
+        return fn(x, c).float()
 
 
 class DeepSpeedStrategy(Strategy):
@@ -201,15 +201,15 @@ class DeepSpeedStrategy(Strategy):
         self.zero_stage = self.config["zero_optimization"]["stage"]
         self.compute_dtype = self.precision.dtype
         self.engines: dict[str, Any] = {}
-        self._frozen: Optional[str] = None
+        self._bare: Optional[str] = None  # called through its bare module: frozen, or in a penalty phase
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         self.ds.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
 
     # ---- building -------------------------------------------------------------------------
-    def setup(self, G: nn.Module, D: nn.Module) -> None:
+    def setup(self, G: nn.Module, D: nn.Module, make_optimizer, shard_units=None) -> None:
         for name, module in (("G", G), ("D", D)):
             module = self.prepare_module(module, name)
-            optimizer = self.make_optimizer(module, name)
+            optimizer = make_optimizer(name, list(module.parameters()))
             engine, ds_optimizer, _, _ = self.ds.initialize(model=module, optimizer=optimizer,
                                                             config=copy.deepcopy(self.config),
                                                             dist_init_required=False)
@@ -224,23 +224,35 @@ class DeepSpeedStrategy(Strategy):
                 ds_optimizer.check_grad_overflow = True
             self.raw[name] = engine.module
             self.optimizers[name] = ds_optimizer
-            self.wrapped[name] = _Call(engine, self.compute_dtype, lambda n=name: self._frozen == n)
+            self.wrapped[name] = _Call(engine, self.compute_dtype, lambda n=name: self._bare == n)
 
     # ---- phases ---------------------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()  # the engines hold the modules in the compute dtype
 
     @contextlib.contextmanager
-    def phase(self, trained: str, sync: bool = True) -> Iterator[None]:
+    def phase(self, trained: str, sync: bool = True, double_backward: bool = False) -> Iterator[None]:
         other = "D" if trained == "G" else "G"
         # the engine reduces on the backward of the boundary micro-batch only (stages 0-1)
         self.engines[trained].set_gradient_accumulation_boundary(sync)
-        self._frozen = other if trained == "G" else None
+        # A penalty's inner backward (autograd.grad) must not run the engine's backward hooks,
+        # which reduce as if it were the update's backward: the phase calls the bare module,
+        # and `backward` below runs the engine's one backward (and reduction) explicitly.
+        self._bare = other if trained == "G" else (trained if double_backward else None)
         try:
             with super().phase(trained, sync):
                 yield
         finally:
-            self._frozen = None
+            self._bare = None
+
+    def input_grad(self, output: torch.Tensor, inputs: torch.Tensor, trained: str) -> torch.Tensor:
+        """As `Strategy.input_grad`, with the engine's own fp16 loss scale."""
+        scale = None
+        if self.precision.name == "fp16":
+            scale = float(getattr(self.engines[trained].optimizer, "loss_scale", 1.0))
+        scaled = output * scale if scale is not None else output
+        (grad,) = torch.autograd.grad(scaled, inputs, create_graph=True)
+        return grad / scale if scale is not None else grad
 
     def backward(self, loss: torch.Tensor, trained: str) -> None:
         self.note_loss(loss, trained)
@@ -271,8 +283,34 @@ class DeepSpeedStrategy(Strategy):
         if engine.skipped_steps != skipped:
             self.skipped[trained] += 1
 
-    def zero_grad(self, trained: str) -> None:
-        self.engines[trained].optimizer.zero_grad()
+    # ---- shard access (EMA) ---------------------------------------------------------------
+    def local_tensor(self, p: torch.Tensor) -> torch.Tensor:
+        ds = getattr(p, "ds_tensor", None)  # ZeRO-3: this rank's flat partition
+        return ds if ds is not None else p
+
+    def local_slice(self, full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        ds = getattr(p, "ds_tensor", None)
+        if ds is None:
+            return full
+        import torch.distributed as dist
+
+        size = ds.numel()
+        part = full.reshape(-1)[dist.get_rank() * size:(dist.get_rank() + 1) * size]
+        out = torch.zeros(size, dtype=full.dtype)
+        out[:part.numel()] = part  # the last partition is zero-padded
+        return out
+
+    @contextlib.contextmanager
+    def shards_written(self, name: str) -> Iterator[None]:
+        # ZeRO-3 keeps small ("persistent") parameters gathered: drop them around writes into
+        # the partitions, and gather them again after (collective: every rank holds the same set)
+        gathered = [p for p in self.raw[name].parameters() if getattr(p, "ds_tensor", None) is not None
+                    and getattr(getattr(p, "ds_status", None), "name", "") == "AVAILABLE"]
+        if gathered:
+            gathered[0].partition(param_list=gathered, has_been_updated=False)
+        yield
+        if gathered:
+            gathered[0].all_gather(param_list=gathered)
 
     # ---- state ----------------------------------------------------------------------------
     def sync_buffers(self) -> None:

@@ -30,16 +30,6 @@ CHECKPOINT_DIR = "fsdp"  # DCP directory inside a checkpoint
 SCALERS_FILE = "fsdp_scalers.pt"
 
 
-def shard_units(module: nn.Module) -> list[nn.Module]:
-    """The blocks that become their own FSDP unit: `module.blocks` when the model has them.
-
-    One unit per block means only one block's full parameters exist at a time (plus the
-    prefetched next one); the root unit holds whatever is left.
-    """
-    blocks = getattr(module, "blocks", None)
-    return list(blocks) if isinstance(blocks, nn.Sequential) else []
-
-
 def _is_norm_with_stats(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.batchnorm._NormBase)
 
@@ -87,7 +77,7 @@ class FSDPStrategy(Strategy):
         low_precision = self.param_dtype != torch.float32
         block_policy = MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=self.reduce_dtype)
         fp32_policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
-        for block in shard_units(module):
+        for block in self.shard_units(module):
             if low_precision:
                 for sub in block.modules():
                     if _is_norm_with_stats(sub):
@@ -99,12 +89,10 @@ class FSDPStrategy(Strategy):
         fully_shard(module, mp_policy=root_policy, **common)
         return module
 
-    def make_optimizer(self, module: nn.Module, name: str) -> torch.optim.Optimizer:
-        opt = super().make_optimizer(module, name)
-        if self.train_cfg.precision == "fp16" and opt.defaults.get("fused"):
-            # ShardedGradScaler hands fused Adam a found-inf tensor of shape [1], which it rejects
-            opt = type(opt)(opt.param_groups[0]["params"], **dict(opt.defaults, fused=None, foreach=True))
-        return opt
+    def build_optimizer(self, make_optimizer, name: str) -> torch.optim.Optimizer:
+        # ShardedGradScaler hands fused Adam a found-inf tensor of shape [1], which it rejects
+        fused_ok = self.train_cfg.precision != "fp16"
+        return make_optimizer(name, list(self.wrapped[name].parameters()), fused_ok=fused_ok)
 
     def _fsdp_modules(self, name: str) -> list[nn.Module]:
         from torch.distributed.fsdp import FSDPModule
@@ -121,14 +109,57 @@ class FSDPStrategy(Strategy):
         finally:
             root.set_requires_gradient_sync(True)
 
-    def phase(self, trained: str, sync: bool = True) -> contextlib.AbstractContextManager:
+    @contextlib.contextmanager
+    def phase(self, trained: str, sync: bool = True, double_backward: bool = False) -> Iterator[None]:
         if trained == "G":
             # A forward without backward (sampling, or reshard_after_forward=False) can leave D
             # gathered; its gathered parameters would keep requires_grad=True. Reshard first,
             # so that freezing acts on the sharded parameters FSDP copies the flag from.
             for m in self._fsdp_modules("D"):
                 m.reshard()
-        return super().phase(trained, sync)
+        if not double_backward:
+            with super().phase(trained, sync):
+                yield
+            return
+        # A penalty's outer backward runs through the inner backward's graph, which holds the
+        # gathered parameters FSDP would free after each block's forward and backward
+        # (pytorch/pytorch#172543). They stay gathered, for this model only, until the phase's
+        # one backward is done; the reduce-scatter is the usual one, at the end of it.
+        units = self._fsdp_modules(trained)
+        for m in units:
+            m.set_reshard_after_forward(False, recurse=False)
+            m.set_reshard_after_backward(False, recurse=False)
+        try:
+            with super().phase(trained, sync):
+                yield
+        finally:
+            root = self.raw[trained]
+            for m in units:  # the root never reshards after forward (FSDP2's default for it)
+                m.set_reshard_after_forward(m is not root and self.parallel_cfg.fsdp.reshard_after_forward,
+                                            recurse=False)
+                m.set_reshard_after_backward(True, recurse=False)
+                m.reshard()
+
+    # ---- shard access (EMA) ---------------------------------------------------------------
+    def local_tensor(self, p: torch.Tensor) -> torch.Tensor:
+        from torch.distributed.tensor import DTensor
+
+        return p._local_tensor if isinstance(p, DTensor) else p
+
+    def local_slice(self, full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        if not isinstance(p, DTensor):
+            return full
+        return distribute_tensor(full.to(p.device), p.device_mesh, p.placements, src_data_rank=None).to_local()
+
+    @contextlib.contextmanager
+    def shards_written(self, name: str) -> Iterator[None]:
+        # FSDP2 keeps gathered parameters after a forward without backward (reshard_after_forward
+        # off, or the root module): drop them, so the next forward gathers the new shards
+        for m in self._fsdp_modules(name):
+            m.reshard()
+        yield
 
     def grads(self, trained: str) -> list[torch.Tensor]:
         local = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from gan_dist.loop import Batch
+
 
 def rank_batches(gen: torch.Generator, global_batch: int, d_steps: int, accum: int, rank: int,
-                 world_size: int, nz: int) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+                 world_size: int, nz: int) -> list[list[Batch]]:
     per_rank = global_batch // (world_size * accum)
     batches = []
     for _ in range(d_steps):
@@ -15,6 +17,6 @@ def rank_batches(gen: torch.Generator, global_batch: int, d_steps: int, accum: i
         micro = []
         for m in range(accum):
             lo = (rank * accum + m) * per_rank
-            micro.append((real[lo:lo + per_rank], z[lo:lo + per_rank]))
+            micro.append(Batch(real[lo:lo + per_rank], z[lo:lo + per_rank]))
         batches.append(micro)
     return batches

@@ -17,7 +17,7 @@ import torch
 from gan_dist import distributed as gdist
 from gan_dist.config import load_config
 from gan_dist.loop import train_step
-from gan_dist.models import build_models
+from gan_dist.build import setup_models
 from gan_dist.parallel import build_strategy
 from tests.workers.batches import rank_batches
 
@@ -62,14 +62,12 @@ def main() -> None:
 
     info = gdist.init_distributed(timeout_s=120)
     W, r = info.world_size, info.rank
-    cfg = load_config(None, ["train.precision=fp32", f"model.norm={args.norm}", "model.ngf=8",
-                             "model.ndf=8", "model.nz=16", f"train.grad_accum={args.accum}",
-                             f"train.d_steps={args.d_steps}"])
+    cfg = load_config(None, ["train.precision=fp32", f"model.dcgan.norm={args.norm}", "model.dcgan.ngf=8",
+                             "model.dcgan.ndf=8", "model.dcgan.nz=16", f"train.grad_accum={args.accum}",
+                             f"train.d_steps={args.d_steps}", f"train.loss={args.loss}"])
     strategy = build_strategy(info, cfg)
-    G, D = build_models(cfg.model, seed=3)
-    strategy.setup(G, D)
-    for name in ("G", "D"):
-        strategy.optimizers[name] = torch.optim.SGD(strategy.raw[name].parameters(), lr=0.05)
+    recipe, _, _ = setup_models(strategy, cfg, seed=3,
+                                make_optimizer=lambda name, params, **kw: torch.optim.SGD(params, lr=0.05))
 
     counter = {"bytes": {"G": 0, "D": 0}, "calls": {"G": 0, "D": 0}}
     if W > 1:
@@ -79,12 +77,12 @@ def main() -> None:
     gen = torch.Generator().manual_seed(1234)
     d_grads_in_g_phase = []
     for _ in range(args.iters):
-        batches = rank_batches(gen, args.global_batch, args.d_steps, args.accum, r, W, cfg.model.nz)
+        batches = rank_batches(gen, args.global_batch, args.d_steps, args.accum, r, W, cfg.model.dcgan.nz)
         if args.mode == "seed":
-            (real, z), = batches[0]
-            seed_loop_step(strategy.G, strategy.D, strategy.optimizers["G"], strategy.optimizers["D"], real, z)
+            (b,) = batches[0]
+            seed_loop_step(strategy.G, strategy.D, strategy.optimizers["G"], strategy.optimizers["D"], b.real, b.z)
         else:
-            train_step(strategy, batches, args.loss)
+            train_step(strategy, recipe, batches)
             d_grads_in_g_phase.append(any(p.grad is not None for p in strategy.raw["D"].parameters()))
 
     out = {"G": {k: v.clone() for k, v in strategy.raw["G"].state_dict().items()},
@@ -94,7 +92,7 @@ def main() -> None:
            "d_grads_in_g_phase": d_grads_in_g_phase, "strategy": strategy.name, "world_size": W}
     torch.save(out, args.out)
     strategy.close()
-    del strategy, G, D
+    del strategy
     gdist.teardown()
 
 

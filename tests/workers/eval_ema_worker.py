@@ -15,8 +15,8 @@ import torch
 from gan_dist import distributed as gdist
 from gan_dist.config import load_config
 from gan_dist.ema import EMA
-from gan_dist.loop import train_step
-from gan_dist.models import build_models
+from gan_dist.loop import Batch, train_step
+from gan_dist.build import setup_models
 from gan_dist.parallel import build_strategy
 
 
@@ -46,12 +46,11 @@ def main() -> None:
     args = p.parse_args()
 
     info = gdist.init_distributed(timeout_s=120)
-    cfg = load_config(None, ["train.precision=fp32", "model.norm=batch", "model.ngf=8", "model.ndf=8",
-                             "model.nz=16", f"parallel.strategy={args.strategy}"]
+    cfg = load_config(None, ["train.precision=fp32", "model.dcgan.norm=batch", "model.dcgan.ngf=8", "model.dcgan.ndf=8",
+                             "model.dcgan.nz=16", f"parallel.strategy={args.strategy}"]
                       + ([f"parallel.deepspeed.zero_stage={args.zero_stage}"] if args.zero_stage is not None else []))
     strategy = build_strategy(info, cfg)
-    G, D = build_models(cfg.model, seed=3)
-    strategy.setup(G, D)
+    recipe, _, _ = setup_models(strategy, cfg, seed=3)
     ema = EMA(strategy, args.half_life_kimg, args.rampup)
 
     gen = torch.Generator().manual_seed(100 + info.rank)  # each rank its own data
@@ -60,10 +59,10 @@ def main() -> None:
     nimg = 0
     for _ in range(args.steps):
         real = torch.rand(args.batch, 1, 32, 32, generator=gen) * 2 - 1
-        z = torch.randn(args.batch, cfg.model.nz, generator=gen)
-        train_step(strategy, [[(real, z)]])
+        z = torch.randn(args.batch, cfg.model.dcgan.nz, generator=gen)
+        train_step(strategy, recipe, [[Batch(real, z)]])
         if args.swap_every_step:
-            sample(strategy, ema, cfg.model.nz)
+            sample(strategy, ema, cfg.model.dcgan.nz)
         betas.append(ema.update(nimg, global_batch))
         nimg += global_batch
         history.append(strategy.full_state_dict("G"))  # collective; None except on rank 0
@@ -72,7 +71,7 @@ def main() -> None:
     before = strategy.full_state_dict("G")
     with ema.swapped():
         inside = strategy.full_state_dict("G")
-    z, images = sample(strategy, ema, cfg.model.nz)
+    z, images = sample(strategy, ema, cfg.model.dcgan.nz)
     after = strategy.full_state_dict("G")
     out = {
         "rank": info.rank, "world_size": info.world_size, "strategy": strategy.name,
@@ -83,7 +82,7 @@ def main() -> None:
     }
     torch.save(out, args.out)
     strategy.close()
-    del strategy, G, D, ema
+    del strategy, ema
     gdist.teardown()
 
 

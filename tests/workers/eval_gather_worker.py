@@ -24,12 +24,13 @@ from gan_dist.metrics.extractors import DigitsExtractor, Extractor
 class Flatten(Extractor):
     name = "flatten"
     feature_dim = 16
+    outputs = {"features": 16}
 
     def __init__(self) -> None:
         super().__init__(nn.Identity(), torch.device("cpu"))
 
     def __call__(self, images):
-        return images.flatten(1), None
+        return {"features": images.flatten(1)}
 
 
 def main() -> None:
@@ -51,20 +52,21 @@ def main() -> None:
 
         for n in args.n:
             calls.clear()
-            feats, _ = generated_features(generate, Flatten(), n, nz=16, batch_size=args.batch, seed=7)
-            out[n] = {"features": feats, "calls": list(calls)}
+            outputs = generated_features(generate, Flatten(), n, nz=16, batch_size=args.batch, seed=7)
+            out[n] = {"features": outputs["features"] if outputs else None, "calls": list(calls)}
     elif args.mode == "digits":
         from gan_dist.config import load_config
         from gan_dist.models import build_models
 
-        cfg = load_config(None, ["model.ngf=8", "model.ndf=8", "model.nz=16"])
+        cfg = load_config(None, ["model.dcgan.ngf=8", "model.dcgan.ndf=8", "model.dcgan.nz=16"])
         G, _ = build_models(cfg.model, seed=3)
         G.eval()
         extractor = DigitsExtractor(torch.device("cpu"))
         for n in args.n:
             with torch.no_grad():
-                feats, probs = generated_features(G, extractor, n, nz=16, batch_size=args.batch, seed=7)
-            out[n] = {"features": feats, "probs": probs}
+                outputs = generated_features(G, extractor, n, nz=16, batch_size=args.batch, seed=7)
+            if outputs is not None:
+                out[n] = {"features": outputs["features"], "probs": outputs["probs"]}
     else:
         from gan_dist.data.demo import ensure_demo_shards
 

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from gan_dist import distributed as gdist
 from gan_dist.config import load_config
 from gan_dist.loop import train_step
-from gan_dist.models import build_models
+from gan_dist.build import setup_models
 from gan_dist.parallel import build_strategy
 from tests.workers.batches import rank_batches
 
@@ -59,6 +59,7 @@ class CollectiveLog:
         self.active = False
         self.label = "outside"
         self.calls: list[tuple[str, str, int]] = []
+        self.by_update: list[tuple[str, str, str, int]] = []  # (update, label, name, elements)
         self._depth = 0
 
     def install(self) -> None:
@@ -75,19 +76,24 @@ class CollectiveLog:
             try:
                 if outer and self.active:
                     self.calls.append((self.label, name, _numel(_payload(name, args, kwargs))))
+                    self.by_update.append((getattr(self, "current", ""), self.label, name,
+                                           _numel(_payload(name, args, kwargs))))
                 return fn(*args, **kwargs)
             finally:
                 self._depth -= 1
         return wrapper
 
     def attach(self, strategy) -> None:
-        """Label calls with the phase or step they happen in (the loop itself is untouched)."""
+        """Label calls with the phase or step they happen in (the loop itself is untouched), and
+        record which update of the iteration each call belongs to (`updates`)."""
         orig_phase, orig_step = strategy.phase, strategy.step
+        self.update = {"G": 0, "D": 0}
 
         @contextlib.contextmanager
-        def phase(trained, sync=True):
-            with orig_phase(trained, sync):
+        def phase(trained, sync=True, double_backward=False):
+            with orig_phase(trained, sync, double_backward):
                 self.label = f"{trained}-phase"
+                self.current = f"{trained}{self.update[trained]}"
                 try:
                     yield
                 finally:
@@ -99,6 +105,8 @@ class CollectiveLog:
                 orig_step(trained)
             finally:
                 self.label = "between"
+                if self.active:
+                    self.update[trained] += 1
 
         strategy.phase, strategy.step = phase, step
 
@@ -152,6 +160,11 @@ def main() -> None:
     p.add_argument("--norm", default="none")
     p.add_argument("--optim", choices=["sgd", "adam"], default="sgd")
     p.add_argument("--reshard", default="true")
+    p.add_argument("--loss", default="nonsaturating")
+    p.add_argument("--r1", type=float, default=0.0, help="reg.r1_gamma")
+    p.add_argument("--r2", type=float, default=0.0, help="reg.r2_gamma")
+    p.add_argument("--d-every", type=int, default=1, help="reg.d_every")
+    p.add_argument("--matmul-conv", default="auto")
     p.add_argument("--count-iter", type=int, default=-1, help="log the collectives of this iteration")
     p.add_argument("--save-at", type=int, default=0, help="save a checkpoint after this many iterations")
     p.add_argument("--ckpt", default=None, help="checkpoint directory to save into (or load from)")
@@ -162,29 +175,35 @@ def main() -> None:
     log.install()
     info = gdist.init_distributed(timeout_s=120)
     W, r = info.world_size, info.rank
-    overrides = [f"train.precision={args.precision}", f"model.norm={args.norm}", "model.ngf=8", "model.ndf=8",
-                 "model.nz=16", f"train.grad_accum={args.accum}", f"train.d_steps={args.d_steps}",
+    overrides = [f"train.precision={args.precision}", f"model.dcgan.norm={args.norm}", "model.dcgan.ngf=8", "model.dcgan.ndf=8",
+                 "model.dcgan.nz=16", f"train.grad_accum={args.accum}", f"train.d_steps={args.d_steps}",
                  f"train.batch_size={args.global_batch // (W * args.accum)}",
-                 f"parallel.strategy={args.strategy}", f"parallel.fsdp.reshard_after_forward={args.reshard}"]
+                 f"parallel.strategy={args.strategy}", f"parallel.fsdp.reshard_after_forward={args.reshard}",
+                 f"train.loss={args.loss}", f"reg.r1_gamma={args.r1}", f"reg.r2_gamma={args.r2}",
+                 f"reg.d_every={args.d_every}", f"train.matmul_conv={args.matmul_conv}"]
     if args.zero_stage is not None:
         overrides.append(f"parallel.deepspeed.zero_stage={args.zero_stage}")
     if args.ds_config is not None:
         overrides.append(f"parallel.deepspeed.config={args.ds_config}")
     cfg = load_config(None, overrides)
     strategy = build_strategy(info, cfg)
-    if args.optim == "sgd":
-        strategy.make_optimizer = lambda module, name: torch.optim.SGD(module.parameters(), lr=0.5)
-    G, D = build_models(cfg.model, seed=3)
-    strategy.setup(G, D)
+    sgd = (lambda name, params, **kw: torch.optim.SGD(params, lr=0.5)) if args.optim == "sgd" else None
+    recipe, _, _ = setup_models(strategy, cfg, seed=3, make_optimizer=sgd)
     if args.break_freeze:
         from gan_dist.parallel.base import Strategy
 
-        def live_phase(trained, sync=True):
+        def live_phase(trained, sync=True, double_backward=False):
             if hasattr(strategy, "engines"):
                 strategy.engines[trained].set_gradient_accumulation_boundary(sync)
             return Strategy.no_sync(strategy, trained)  # a null context: D stays live in the G phase
         strategy.phase = live_phase
     log.attach(strategy)
+    if strategy.name == "ddp":
+        # DDP reduces in C++; its Python all-reduce hook (the same arithmetic) goes through
+        # torch.distributed.all_reduce, which the log sees
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+        for name in ("G", "D"):
+            strategy.wrapped[name].register_comm_hook(None, allreduce_hook)
 
     gen = torch.Generator().manual_seed(1234)
     first = 0
@@ -193,11 +212,11 @@ def main() -> None:
         first = args.save_at
     d_grads_in_g_phase = []
     for it in range(args.iters):
-        batches = rank_batches(gen, args.global_batch, args.d_steps, args.accum, r, W, cfg.model.nz)
+        batches = rank_batches(gen, args.global_batch, args.d_steps, args.accum, r, W, cfg.model.dcgan.nz)
         if it < first:
             continue  # the resumed run skips the batches the saved run already used
         log.active = it == args.count_iter
-        train_step(strategy, batches)
+        train_step(strategy, recipe, batches, it)
         log.active = False
         d_grads_in_g_phase.append(any(p.grad is not None for p in strategy.raw["D"].parameters()))
         if args.ckpt and not args.resume and it + 1 == args.save_at:
@@ -215,11 +234,12 @@ def main() -> None:
            "released": {n: all(p.data.numel() == 0 for p in strategy.raw[n].parameters()) for n in ("G", "D")},
            "loss_scale": {n: loss_scale(strategy, n) for n in ("G", "D")},
            "skipped": dict(strategy.skipped_updates),
-           "collectives": log.calls, "d_grads_in_g_phase": d_grads_in_g_phase,
+           "collectives": log.calls, "collectives_by_update": log.by_update,
+           "d_grads_in_g_phase": d_grads_in_g_phase,
            "param_dtypes": sorted({str(p.dtype) for n in ("G", "D") for p in strategy.raw[n].parameters()})}
     torch.save(out, args.out)
     strategy.close()
-    del strategy, G, D
+    del strategy
     gdist.teardown()
 
 

@@ -1,9 +1,12 @@
 """DCGAN generator and discriminator (Radford et al.), as in the PyTorch DCGAN example.
 
 The discriminator returns logits: the sigmoid lives in the loss (BCE-with-logits), which is
-numerically safe under autocast.
+numerically safe under autocast. Both take a label argument `c` so that every family has the
+same call signature, G(z, c) and D(x, c); these unconditional networks ignore it.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import nn
@@ -37,7 +40,7 @@ class Generator(nn.Module):
         blocks.append(nn.Sequential(nn.ConvTranspose2d(width, channels, 4, 2, 1, bias=False), nn.Tanh()))
         self.blocks = nn.Sequential(*blocks)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, c: Optional[torch.Tensor] = None) -> torch.Tensor:
         return self.blocks(z.view(z.shape[0], self.nz, 1, 1))
 
 
@@ -57,7 +60,7 @@ class Discriminator(nn.Module):
         blocks.append(nn.Sequential(nn.Conv2d(width, 1, 4, 1, 0, bias=False)))
         self.blocks = nn.Sequential(*blocks)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: Optional[torch.Tensor] = None) -> torch.Tensor:
         return self.blocks(x).flatten()
 
 

@@ -1,0 +1,47 @@
+"""From a config to a strategy holding G and D with their optimizers: the one path the trainer,
+the benchmarks and the tests take."""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+
+from gan_dist import rng
+from gan_dist.loop import Batch
+from gan_dist.models import ModelSpec, model_spec
+from gan_dist.optim import OptimizerFactory, optimizer_factory
+from gan_dist.recipe import Recipe, build_recipe
+
+
+def setup_models(strategy: Any, cfg: Any, seed: Optional[int] = None,
+                 make_optimizer: Optional[OptimizerFactory] = None) -> tuple[Recipe, ModelSpec, dict[str, int]]:
+    """Build the configured family's G and D (weights from `seed`, default run.seed), hand them
+    to `strategy` with the recipe's optimizers, and return (recipe, spec, parameter counts)."""
+    spec = model_spec(cfg.model)
+    recipe = build_recipe(cfg)
+    G, D = spec.build(cfg.run.seed if seed is None else seed)
+    counts = spec.param_counts(G, D)
+    strategy.setup(G, D, make_optimizer or optimizer_factory(cfg.train, recipe), spec.shard_units)
+    return recipe, spec, counts
+
+
+def step_batches(cfg: Any, spec: ModelSpec, step: int, rank: int, world_size: int,
+                 next_real: Callable[[], torch.Tensor], device: torch.device) -> list[list[Batch]]:
+    """One rank's micro-batches of iteration `step` (0-based): [D update][micro-batch].
+
+    The latent of each fake is a function of (run.seed, global sample index) only (gan_dist.rng):
+    within an update, sample k of micro-batch m of rank r has position (r * accum + m) * b + k,
+    so N processes with batch b draw the latents that one process with batch N * b draws."""
+    t = cfg.train
+    b = t.batch_size
+    per_update = b * t.grad_accum * world_size
+    out = []
+    for j in range(t.d_steps):
+        base = (step * t.d_steps + j) * per_update
+        micro = []
+        for m in range(t.grad_accum):
+            lo = base + (rank * t.grad_accum + m) * b
+            z = rng.randn_by_index(cfg.run.seed, rng.Z, range(lo, lo + b), (spec.z_dim,), device)
+            micro.append(Batch(real=next_real(), z=z))
+        out.append(micro)
+    return out

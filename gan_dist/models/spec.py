@@ -1,0 +1,43 @@
+"""What a model family tells the rest of gan_dist, and nothing about distribution.
+
+A family (a folder under `gan_dist/models/`) registers a `ModelSpec` factory: given the `model`
+config section it says how to build and initialise G and D, which sub-modules are worth
+sharding on their own (FSDP units), and the sizes of the latent and the label. Every family's
+networks share one call signature, `G(z, c)` and `D(x, c)`, with `c` a tensor of class
+indices or None; an unconditional family ignores it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    family: str
+    z_dim: int  # the latent G draws from N(0, I)
+    num_classes: int  # 0: unconditional
+    channels: int
+    resolution: int
+    make_generator: Callable[[], nn.Module]
+    make_discriminator: Callable[[], nn.Module]
+    init: Callable[[nn.Module], None]  # in place, drawing from torch's global RNG
+    # sub-modules of G or D that become their own FSDP unit (one block's full parameters at a time)
+    shard_units: Callable[[nn.Module], list[nn.Module]]
+    # rejects settings the family cannot build, naming the config key (ConfigError)
+    check: Callable[[Any], None] = lambda model_cfg: None
+
+    def build(self, seed: int) -> tuple[nn.Module, nn.Module]:
+        """G and D with weights drawn from `seed`, identical on every rank, the caller's RNG untouched."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            G, D = self.make_generator(), self.make_discriminator()
+            self.init(G)
+            self.init(D)
+        return G, D
+
+    def param_counts(self, G: nn.Module, D: nn.Module) -> dict[str, int]:
+        return {"G": sum(p.numel() for p in G.parameters()), "D": sum(p.numel() for p in D.parameters())}

@@ -1,0 +1,68 @@
+"""A training recipe: the adversarial loss, the penalties, and the phase schedule.
+
+An iteration is a list of phases, each naming the model it trains, the loss terms of its one
+backward, and how often it runs (as in StyleGAN2-ADA's Gmain/Greg/Dmain/Dreg):
+
+    Dmain   trains D   adv [+ r1, r2 when reg.d_every == 1]   every step, train.d_steps times
+    Dreg    trains D   r1, r2 (x d_every)                      every reg.d_every steps (lazy)
+    Gmain   trains G   adv                                     every step
+    Greg    trains G   (family-specific, e.g. path length)     none yet
+
+Lazy regularisation (Karras et al. 2020): a penalty computed every k steps is multiplied by k,
+and the optimizer of the model it regularises gets lr * k/(k+1) and betas ** (k/(k+1)) so that
+its effective step size matches a penalty applied every step (`gan_dist.optim`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from gan_dist.recipe.losses import LOSSES, Loss, build_loss
+from gan_dist.recipe.penalties import PENALTIES, squared_grad_norm
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str  # Dmain | Dreg | Gmain | Greg
+    trains: str  # "D" or "G"
+    terms: tuple[str, ...]  # "adv" and/or penalties ("r1", "r2")
+    every: int = 1  # due at the steps (0-based) divisible by this
+    weight: float = 1.0  # multiplies the penalty terms: the interval, for lazy regularisation
+
+    @property
+    def double_backward(self) -> bool:
+        """Whether the phase differentiates D's input gradient (a penalty)."""
+        return any(t in PENALTIES for t in self.terms)
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0
+
+
+@dataclass(frozen=True)
+class Recipe:
+    loss: Loss
+    phases: tuple[Phase, ...]
+    gammas: dict[str, float] = field(default_factory=dict)  # penalty -> gamma
+
+    def due(self, step: int) -> list[Phase]:
+        return [p for p in self.phases if p.due(step)]
+
+    def reg_interval(self, model: str) -> int:
+        """k of the lazy phase that regularises `model` (1: none, or every step)."""
+        return max([p.every for p in self.phases if p.trains == model and p.name.endswith("reg")], default=1)
+
+
+def build_recipe(cfg: Any) -> Recipe:
+    """The recipe of a run config: train.loss and the reg section."""
+    gammas = {name: g for name, g in (("r1", cfg.reg.r1_gamma), ("r2", cfg.reg.r2_gamma)) if g > 0}
+    penalties = tuple(gammas)
+    k = cfg.reg.d_every
+    lazy = k > 1 and bool(penalties)
+    phases = [Phase("Dmain", "D", ("adv",) + (() if lazy else penalties))]
+    if lazy:
+        phases.append(Phase("Dreg", "D", penalties, every=k, weight=float(k)))
+    phases.append(Phase("Gmain", "G", ("adv",)))
+    return Recipe(build_loss(cfg.train.loss), tuple(phases), gammas)
+
+
+__all__ = ["LOSSES", "Loss", "PENALTIES", "Phase", "Recipe", "build_loss", "build_recipe", "squared_grad_norm"]
