@@ -11,10 +11,11 @@ import torch
 
 from gan_dist.config import ConfigError, load_config
 from gan_dist.metrics import frechet
-from gan_dist.metrics.evaluation import (Evaluator, Reference, dataset_reference, reference_cache_paths,
-                                         training_evaluator)
+from gan_dist.metrics.evaluation import (Evaluator, Reference, dataset_reference, parse_metrics, plan_metrics,
+                                         reference_cache_paths, training_evaluator)
 from gan_dist.metrics.extractors import (INCEPTION_ENV, INCEPTION_FILE, DigitsExtractor, InceptionExtractor,
-                                         build_inception_v3, resolve_extractor_name)
+                                         VGG16Extractor, resolve_extractor_name)
+from gan_dist.metrics.sources import ShardSource
 from gan_dist.metrics.shares import LATENT_BLOCK, latents, share, share_counts
 
 
@@ -65,6 +66,7 @@ def test_kid_kernel_cache_path_equals_per_subset_path(monkeypatch):
 def no_inception(monkeypatch, tmp_path):
     """An offline machine without the Inception weights anywhere gan_dist looks."""
     monkeypatch.delenv(INCEPTION_ENV, raising=False)
+    monkeypatch.delenv("GAN_DIST_VGG16_WEIGHTS", raising=False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     return tmp_path
 
@@ -73,10 +75,13 @@ def test_missing_inception_weights_give_an_error_that_says_how_to_provide_them(n
     with pytest.raises(ConfigError) as err:
         InceptionExtractor(torch.device("cpu"))
     msg = str(err.value)
-    for needed in ("eval.inception_weights", INCEPTION_ENV, INCEPTION_FILE, "https://download.pytorch.org",
-                   "eval.extractor=digits"):
+    for needed in ("eval.inception_weights", INCEPTION_ENV, INCEPTION_FILE, "2015-12-05",
+                   "https://github.com/toshas/torch-fidelity/releases", "eval.extractor=digits",
+                   str(no_inception / "torch_home" / "hub" / "checkpoints" / INCEPTION_FILE)):
         assert needed in msg
     assert not (no_inception / "torch_home").exists() or not any((no_inception / "torch_home").rglob("*.pth"))
+    with pytest.raises(ConfigError, match="eval.vgg16_weights.*GAN_DIST_VGG16_WEIGHTS.*vgg16-397923af.pth"):
+        VGG16Extractor(torch.device("cpu"))
 
 
 def test_missing_inception_weights_stop_training_before_it_starts(no_inception):
@@ -101,35 +106,78 @@ def test_configured_inception_path_that_does_not_exist_is_named(no_inception, mo
         InceptionExtractor(torch.device("cpu"))
 
 
-def test_a_file_that_is_not_inception_weights_is_rejected_by_name(no_inception):
-    bad = no_inception / "not_inception.pth"
-    torch.save({"weight": torch.zeros(3)}, bad)
-    with pytest.raises(ConfigError, match="not_inception.pth.*cannot be loaded"):
-        InceptionExtractor(torch.device("cpu"), weights=str(bad))
+class _Payload:
+    """Unpickling this would create a file: a weights file must never run code."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_wrong_or_damaged_weight_files_are_rejected_by_name(no_inception):
+    other = no_inception / "not_inception.pth"
+    torch.save({"weight": torch.zeros(3)}, other)
+    with pytest.raises(ConfigError, match="not_inception.pth.*holds other weights than the 2015-12-05 TensorFlow Inception"):
+        InceptionExtractor(torch.device("cpu"), weights=str(other))
+    damaged = no_inception / "damaged.pth"
+    damaged.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(ConfigError, match="damaged.pth.*cannot be loaded.*2015-12-05"):
+        InceptionExtractor(torch.device("cpu"), weights=str(damaged))
+    marker = no_inception / "code_ran"
+    evil = no_inception / "evil.pth"
+    torch.save({"x": _Payload(str(marker))}, evil)
+    with pytest.raises(ConfigError, match="evil.pth.*cannot be loaded"):
+        InceptionExtractor(torch.device("cpu"), weights=str(evil))
+    assert not marker.exists()
+    from torchvision.models import inception_v3
+
+    tv = no_inception / "inception_v3_google-0cc3c7bd.pth"
+    torch.save(inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict(), tv)
+    with pytest.raises(ConfigError, match="torchvision's ImageNet InceptionV3"):
+        InceptionExtractor(torch.device("cpu"), weights=str(tv))
+    with pytest.raises(ConfigError, match="not_inception.pth.*holds other weights than the torchvision ImageNet VGG16"):
+        VGG16Extractor(torch.device("cpu"), weights=str(other))
 
 
 def test_inception_extractor_loads_a_local_weights_file(no_inception, monkeypatch):
-    """torchvision's InceptionV3 with weights from a file (random ones here: nothing is downloaded)."""
-    torch.manual_seed(0)
-    path = no_inception / INCEPTION_FILE
-    torch.save(build_inception_v3().state_dict() | _aux_state(), path)
+    """torch-fidelity's 2015-12-05 Inception with weights from a file (random ones here: nothing is downloaded)."""
+    from tests._metric_weights import write_inception
+
+    path = write_inception(no_inception)
     monkeypatch.setenv(INCEPTION_ENV, str(path))
     ex = InceptionExtractor(torch.device("cpu"))
-    assert ex.fd_key == "fid" and ex.identity.startswith("inception_v3-")
+    assert ex.fd_key == "fid" and ex.identity.startswith("inception-")
     gray = torch.rand(2, 1, 32, 32) * 2 - 1
-    feats, probs = ex(gray)
-    assert feats.shape == (2, 2048) and probs is None and torch.isfinite(feats).all()
+    out = ex(gray)
+    assert out["features"].shape == (2, 2048) and out["logits"].shape == (2, 1008)
+    assert torch.isfinite(out["features"]).all() and out["features"].std() > 1e-3
     # gray images are embedded as RGB with three equal channels
-    torch.testing.assert_close(feats, ex(gray.expand(-1, 3, -1, -1))[0])
+    torch.testing.assert_close(out["features"], ex(gray.expand(-1, 3, -1, -1))["features"])
     assert resolve_extractor_name(load_config(None, ["data.urls=/x"]).eval, demo_data=False) == "inception"
+    # found in torch's hub cache under its published name, without any setting
+    monkeypatch.delenv(INCEPTION_ENV)
+    cached = no_inception / "torch_home" / "hub" / "checkpoints" / INCEPTION_FILE
+    cached.parent.mkdir(parents=True)
+    path.rename(cached)
+    assert InceptionExtractor(torch.device("cpu")).path == cached
 
 
-def _aux_state() -> dict:
-    """The AuxLogits and fc entries of torchvision's file, which build_inception_v3() drops."""
-    from torchvision.models import inception_v3
-
-    full = inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict()
-    return {k: v for k, v in full.items() if k.startswith(("AuxLogits.", "fc."))}
+def test_metric_lists_are_checked_and_planned():
+    assert parse_metrics("fid, KID,is,pr") == ["fid", "kid", "is", "pr"]
+    with pytest.raises(ConfigError, match="eval.metrics.*unknown metric 'fd'"):
+        parse_metrics("fid,fd")
+    plan = plan_metrics(["fid", "kid", "pr"])
+    assert plan.extractor_names == {"main": "inception", "pr": "vgg16"}
+    assert plan_metrics(["kid"], "digits").extractor_names == {"main": "digits"}
+    assert plan_metrics(["pr"]).extractor_names == {"pr": "vgg16"}
+    with pytest.raises(ConfigError, match="digits_fd and fid/is"):
+        plan_metrics(["digits_fd", "fid"])
+    with pytest.raises(ConfigError, match="eval.extractor=digits"):
+        plan_metrics(["is"], "digits")
+    with pytest.raises(ConfigError, match="eval.metrics"):
+        training_evaluator(load_config(None, ["eval.metrics=fid,bogus"]), [], torch.device("cpu"), True)
 
 
 def test_auto_extractor_choice(no_inception):
@@ -167,12 +215,14 @@ def test_reference_is_cached_next_to_the_shards_and_invalidated_when_they_change
     assert cached.path == ref.path and ref.path.stat().st_mtime_ns == stamp
     np.testing.assert_array_equal(cached.sigma, ref.sigma)
     os.utime(urls[0], (1, 1))  # a shard changed: new statistics, a new file
-    assert reference_cache_paths(urls, ex.identity, 1, 32, 0)[0] != ref.path
+    assert reference_cache_paths(ShardSource(urls, 1, 32), ex.identity, ref.n)[0] != ref.path
+    # another number of images or another network: another file
+    assert dataset_reference(urls, ex, 1, 32, max_images=100, log=lambda m: None).path != ref.path
     # a read-only shard directory: the gan_dist cache directory instead
     tmp_path.chmod(0o555)
     try:
         if not os.access(tmp_path, os.W_OK):  # root ignores the mode
-            assert reference_cache_paths(urls, ex.identity, 1, 32, 0)[0].parent.name == "refstats"
+            assert reference_cache_paths(ShardSource(urls, 1, 32), ex.identity, 10)[0].parent.name == "refstats"
     finally:
         tmp_path.chmod(0o755)
 

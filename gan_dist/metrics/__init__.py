@@ -1,5 +1,6 @@
-"""Sample-quality metrics: Frechet distance and KID on extractor features, digits metrics,
-and their distributed evaluation (each rank its share of the samples, gathered on rank 0)."""
+"""Sample-quality metrics: FID, KID, IS and precision/recall on the standard networks
+(torch-fidelity's), digits metrics for the demo, and their distributed evaluation (each rank
+its share of the samples, gathered on rank 0)."""
 
 from gan_dist.metrics.digits import (
     ClassCoverage,
@@ -17,16 +18,22 @@ from gan_dist.metrics.digits import (
 )
 from gan_dist.metrics.evaluation import (
     Evaluator,
+    MetricPlan,
     Reference,
-    build_evaluator,
     dataset_reference,
+    dataset_references,
     generated_features,
+    generated_outputs,
+    parse_metrics,
+    plan_metrics,
+    source_outputs,
     training_evaluator,
 )
 from gan_dist.metrics.extractors import (
     DigitsExtractor,
     Extractor,
     InceptionExtractor,
+    VGG16Extractor,
     build_extractor,
     resolve_extractor_name,
 )
@@ -37,6 +44,7 @@ from gan_dist.metrics.frechet import (
     kernel_inception_distance,
     mmd2_unbiased,
 )
+from gan_dist.metrics.scores import inception_score, precision_recall
 from gan_dist.metrics.shares import gather_rows, latents, share
 
 __all__ = [
@@ -46,12 +54,14 @@ __all__ = [
     "Evaluator",
     "Extractor",
     "InceptionExtractor",
+    "MetricPlan",
     "Reference",
-    "build_evaluator",
+    "VGG16Extractor",
     "build_extractor",
     "class_coverage",
     "coverage_from_probs",
     "dataset_reference",
+    "dataset_references",
     "digits_fd",
     "digits_features",
     "digits_split",
@@ -62,13 +72,19 @@ __all__ = [
     "frechet_distance_from_features",
     "gather_rows",
     "generated_features",
+    "generated_outputs",
+    "inception_score",
     "kernel_inception_distance",
     "latents",
     "load_digits_arrays",
     "load_digits_extractor",
     "load_digits_split",
     "mmd2_unbiased",
+    "parse_metrics",
+    "plan_metrics",
+    "precision_recall",
     "resolve_extractor_name",
     "share",
+    "source_outputs",
     "training_evaluator",
 ]

@@ -129,7 +129,9 @@ def kernel_inception_distance(
     """KID: mean and standard deviation of unbiased MMD^2 over random equal-size subsets.
 
     Subsets of min(subset_size, N1, N2) samples are drawn without replacement from each
-    set (seeded, so repeated evaluations of the same features agree).
+    set, in the reference implementations' order (a legacy NumPy RandomState of `seed`, one
+    draw from the first set then one from the second per subset): the same seed on the same
+    features gives torch-fidelity's subsets, and repeated evaluations agree.
     """
     x = as_float64_matrix(features1, "features1")
     y = as_float64_matrix(features2, "features2")
@@ -138,7 +140,7 @@ def kernel_inception_distance(
     m = min(subset_size, x.shape[0], y.shape[0])
     if m < 2:
         raise ValueError(f"KID needs subsets of at least 2 samples; sets have {x.shape[0]} and {y.shape[0]}")
-    rng = np.random.default_rng(seed)
+    rng = np.random.RandomState(seed)
     subsets = [(rng.choice(x.shape[0], m, replace=False), rng.choice(y.shape[0], m, replace=False))
                for _ in range(num_subsets)]
     n_x, n_y = x.shape[0], y.shape[0]
