@@ -38,8 +38,8 @@ from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from gan_dist import distributed as gdist
 from gan_dist.distributed import DistInfo
 
 FORMAT = 1
@@ -157,29 +157,9 @@ def list_files(directory: Path) -> list[str]:
 
 
 # ---- collectives that never leave a rank behind ----------------------------------------------
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def all_gather(obj: Any) -> list[Any]:
-    if not _distributed():
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def broadcast(obj: Any, src: int = 0) -> Any:
-    if not _distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def agree(error: Optional[str]) -> Optional[str]:
     """Every rank learns the first error any rank had, so that all of them fail together."""
-    errors = [e for e in all_gather(error) if e]
+    errors = [e for e in gdist.all_gather_object(error) if e]
     return errors[0] if errors else None
 
 
@@ -193,11 +173,6 @@ def _try(fn: Callable[[], Any]) -> tuple[Any, Optional[str]]:
         return None, f"{exc.strerror or exc}{where}"
     except Exception as exc:
         return None, f"{type(exc).__name__}: {exc}"
-    except BaseException as exc:
-        failures = getattr(exc, "failures", None)  # torch.distributed.checkpoint's CheckpointException
-        if not isinstance(failures, dict):
-            raise
-        return None, "; ".join(f"rank {r}: {type(e).__name__}: {e}" for r, (e, _) in sorted(failures.items()))
     except BaseException as exc:
         failures = getattr(exc, "failures", None)  # torch.distributed.checkpoint's CheckpointException
         if not isinstance(failures, dict):
@@ -355,7 +330,7 @@ def verify(path: Path) -> Optional[str]:
                 return f"{name} is missing"
             if f.stat().st_size != entry["size"]:
                 return f"{name} has {f.stat().st_size} bytes, the manifest says {entry['size']}"
-        r, w = (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
+        r, w = gdist.rank(), gdist.world_size()
         for name in names[r::w]:
             if file_digest(path / name)[1] != manifest["files"][name]["sha256"]:
                 return f"{name} does not match its sha256 in the manifest"
@@ -403,7 +378,7 @@ class Checkpointer:
             tmp, error = _try(lambda: self._make_tmp(name))
         else:
             error = None
-        tmp = broadcast(tmp)
+        tmp = gdist.broadcast_object(tmp)
         error = agree(error)
         if not error:
             _, error = _try(lambda: strategy.save_checkpoint(tmp))
@@ -413,9 +388,9 @@ class Checkpointer:
             error = agree(error)
         digests: dict[str, Any] = {}
         if not error:
-            names = broadcast(list_files(tmp) if self.info.is_main else None)
+            names = gdist.broadcast_object(list_files(tmp) if self.info.is_main else None)
             mine, error = _try(lambda: self._digest_share(tmp, names))
-            for part in all_gather(mine if not error else {}):
+            for part in gdist.all_gather_object(mine if not error else {}):
                 digests.update(part or {})
             error = agree(error)
         if not error and self.info.is_main:
@@ -496,7 +471,7 @@ class Checkpointer:
         if self.info.is_main:
             is_checkpoint = (path / MANIFEST).exists() or STEP_DIR.match(path.name)
             kind = "none" if not path.is_dir() else "checkpoint" if is_checkpoint else "dir"
-        kind = broadcast(kind)
+        kind = gdist.broadcast_object(kind)
         if kind == "none":
             raise CheckpointError(f"train.resume={resume}: no such directory")
         if kind == "checkpoint":
@@ -512,7 +487,7 @@ class Checkpointer:
                               f"and {str(path / CHECKPOINTS_DIR)!r})")
 
     def _newest_valid(self, root: Path, own: bool) -> Optional[Path]:
-        candidates = broadcast([str(p) for p in checkpoint_dirs(root)] if self.info.is_main else None)
+        candidates = gdist.broadcast_object([str(p) for p in checkpoint_dirs(root)] if self.info.is_main else None)
         for c in map(Path, candidates):
             problem = verify(c)
             if problem is None:

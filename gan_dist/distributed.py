@@ -209,11 +209,13 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if is_distributed():
-        t = t.clone()
-        dist.all_reduce(t)
-    return t
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's value of a small picklable object, in rank order, on every rank."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def teardown(clean: bool = True) -> None:

@@ -218,12 +218,7 @@ def write_shards(G: nn.Module, n: int, out: Path, seed: int, batch_size: int, de
         for i, arr in enumerate(to_uint8(images).numpy()):
             sink.write(f"{lo + i:0{width}d}", {"png": encode(arr, "png")})
     mine = sink.close()
-    entries: list[Any] = [mine]
-    if world > 1:
-        import torch.distributed as dist
-
-        entries = [None] * world
-        dist.all_gather_object(entries, mine)
+    entries = gdist.all_gather_object(mine)
     if rank != 0:
         return None
     flat = [e for part in entries for e in part]
