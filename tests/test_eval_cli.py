@@ -103,3 +103,75 @@ def test_evaluation_does_not_change_training(trained, tmp_path):
     for name in ("generator.pt", "generator_ema.pt"):
         assert hashlib.sha256((quiet / name).read_bytes()).digest() == \
             hashlib.sha256((trained / name).read_bytes()).digest(), name
+
+
+# ---- two image sets: --real / --fake ---------------------------------------------------------------
+def demo_shard_dir() -> Path:
+    from gan_dist.data.demo import ensure_demo_shards
+
+    return Path(ensure_demo_shards()[0]).parent
+
+
+@pytest.fixture(scope="module")
+def fake_pngs(trained, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fake") / "pngs"
+    run([PYTHON, "-m", "gan_dist.generate", "--ckpt", str(trained), "--n", "40", "--out", str(out)], timeout=240,
+        cwd=REPO)
+    return out
+
+
+def test_folder_and_run_as_fake_give_the_same_numbers_in_one_and_two_processes(trained, fake_pngs):
+    real = str(demo_shard_dir())
+    args = ["--real", real, "--metrics", "digits_fd,kid", "eval.kid_subsets=5", "--seed", "0"]
+    folder = evaluate(*args, "--fake", str(fake_pngs), "--n", "33")
+    folder2 = evaluate(*args, "--fake", str(fake_pngs), "--n", "33", ranks=2)
+    gen = evaluate(*args, "--fake", str(trained), "--n", "33")
+    gen2 = evaluate(*args, "--fake", str(trained), "--n", "33", ranks=2)
+    for out in (folder, folder2, gen, gen2):
+        assert out["num_fake"] == 33 and out["num_real"] == 1797 and out["metrics"] == ["digits_fd", "kid"]
+    assert folder2["world_size"] == gen2["world_size"] == 2
+    # the PNGs are generate's samples 0..32 with seed 0: the same images as generating them here,
+    # up to the 8-bit rounding of the PNG files
+    assert gen["digits_fd"] == pytest.approx(gen2["digits_fd"], rel=1e-4)
+    assert folder["digits_fd"] == pytest.approx(folder2["digits_fd"], rel=1e-4)
+    assert folder["digits_fd"] == pytest.approx(gen["digits_fd"], rel=0.05)
+    assert folder2["kid"] == pytest.approx(folder["kid"], rel=1e-3, abs=1e-4)
+    every = evaluate(*args, "--fake", str(fake_pngs), "--n", "all")
+    assert every["num_fake"] == 40
+
+
+def test_folder_cli_with_the_inception_network_prints_json_and_a_table(fake_pngs, tmp_path):
+    from tests._metric_weights import write_inception
+
+    weights = write_inception(tmp_path)
+    real = tmp_path / "real"
+    real.mkdir()
+    for p in sorted(fake_pngs.iterdir())[30:40]:
+        (real / p.name).write_bytes(p.read_bytes())
+    env = base_env(GAN_DIST_INCEPTION_WEIGHTS=str(weights))
+    res = run([PYTHON, *EVALUATE, "--real", str(real), "--fake", str(fake_pngs), "--n", "10",
+               "--metrics", "fid,kid,is", "eval.kid_subsets=3"], timeout=400, cwd=REPO, env=env)
+    out = json.loads(res.stdout.strip())
+    assert out["num_fake"] == out["num_real"] == 10 and out["fid"] > 0 and out["is"] >= 1.0
+    assert out["networks"]["inception"].startswith("inception-")
+    assert any("gray images repeated to RGB" in note for note in out["notes"])
+    assert "fid" in res.stderr and "is_std" in res.stderr  # the table
+
+
+def test_folder_cli_errors_are_clear(fake_pngs, tmp_path):
+    real = str(demo_shard_dir())
+    res = run([PYTHON, *EVALUATE, "--real", real, "--fake", str(fake_pngs), "--n", "41", "--metrics", "digits_fd"],
+              timeout=120, cwd=REPO, check=False)
+    assert res.returncode == 2 and "fewer than --n 41" in res.stderr and "--n all" in res.stderr
+    assert "Traceback" not in res.stderr
+    res = run([PYTHON, *EVALUATE, "--real", str(tmp_path / "nothing"), "--fake", str(fake_pngs), "--n", "5",
+               "--metrics", "digits_fd"], timeout=120, cwd=REPO, check=False)
+    assert res.returncode == 2 and "nothing" in res.stderr and "Traceback" not in res.stderr
+    env = base_env(TORCH_HOME=str(tmp_path / "th"))
+    env.pop("GAN_DIST_INCEPTION_WEIGHTS", None)
+    res = run([PYTHON, *EVALUATE, "--real", real, "--fake", str(fake_pngs), "--n", "5", "--metrics", "fid"],
+              timeout=120, cwd=REPO, env=env, check=False)
+    assert res.returncode == 2 and "weights-inception-2015-12-05-6726825d.pth" in res.stderr
+    res = run([PYTHON, *EVALUATE, "--real", real, "--fake", str(fake_pngs), "--n", "5", "--metrics", "fid,xyz"],
+              timeout=120, cwd=REPO, check=False)
+    assert res.returncode == 2 and "--metrics" in res.stderr and "xyz" in res.stderr
