@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from gan_dist import distributed as gdist
+from gan_dist.atomic import TMP_PREFIX, fsync_dir, write_text_atomic
 from gan_dist.distributed import DistInfo
 
 FORMAT = 1
@@ -48,7 +49,6 @@ LATEST = "latest"
 TRAINER_FILE = "trainer.pt"
 GENERATOR_FILE = "generator.pt"  # inside a checkpoint: G's full state_dict, whatever the strategy
 CHECKPOINTS_DIR = "checkpoints"  # the checkpoint root inside a run directory, unless train.ckpt_dir
-TMP_PREFIX = ".tmp-"
 CORRUPT_SUFFIX = ".corrupt"
 STEP_DIR = re.compile(r"^step(\d+)$")
 COMPATIBLE_STRATEGIES = ({"none", "ddp"},)  # strategies that read each other's checkpoints
@@ -78,15 +78,6 @@ def rank_file_name(rank: int) -> str:
 
 
 # ---- files ------------------------------------------------------------------------------------
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new entry in `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class _KeepWriteError:
     """A file wrapper that remembers the OSError of a failed write: torch.save reports a full
     disk only as "unexpected pos", which names neither the cause nor the file."""
@@ -439,10 +430,7 @@ class Checkpointer:
             shutil.rmtree(stale, ignore_errors=True)
         tmp.rename(final)
         fsync_dir(self.root)
-        pointer = self.root / f"{TMP_PREFIX}{LATEST}"
-        write_text_durably(pointer, final.name + "\n")
-        pointer.replace(self.root / LATEST)
-        fsync_dir(self.root)
+        write_text_atomic(self.root / LATEST, final.name + "\n")
         for old in checkpoint_dirs(self.root)[self.keep:]:
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from gan_dist import distributed as gdist
+from gan_dist.atomic import save_torch_atomic, write_text_atomic
 from gan_dist.checkpoint import FORMAT, Checkpointer, note, rng_state, set_rng_state, warn
 from gan_dist.config import Config, to_dict, to_yaml
 from gan_dist.data import DataError, make_loader, shared_shards
@@ -294,9 +295,7 @@ class Trainer:
             outputs["generator_ema.pt"] = self.ema.full_state_dict()
         if self.info.is_main:
             for name, state in outputs.items():
-                tmp = self.run_dir / f"{name}.tmp"
-                torch.save(state, tmp)
-                tmp.replace(self.run_dir / name)
+                save_torch_atomic(state, self.run_dir / name)
         with self.ema_weights():
             final = self.samples(self.fixed_noise)
         if self.info.is_main:
@@ -337,10 +336,7 @@ class Trainer:
             "argv": sys.argv,
             "versions": package_versions(),
         }
-        path = self.run_dir / "run_info.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(info, indent=1))
-        tmp.replace(path)
+        write_text_atomic(self.run_dir / "run_info.json", json.dumps(info, indent=1))
 
     def close(self) -> None:
         self.strategy.close()
