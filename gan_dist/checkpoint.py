@@ -519,3 +519,41 @@ class Checkpointer:
         if error:
             raise CheckpointError(error)
         return trainer_state, rank_state
+
+
+# ---- the best evaluation so far (train.keep_best) ---------------------------------------------------
+BEST_DIR = "best"  # <run.dir>/best/: generator.pt, generator_ema.pt, config.yaml, best.json
+BEST_INFO = "best.json"
+
+
+def best_value(run_dir: Path, metric: str) -> Optional[float]:
+    """The `metric` value of the generator kept in <run_dir>/best/, if any (survives a resume)."""
+    try:
+        info = json.loads((Path(run_dir) / BEST_DIR / BEST_INFO).read_text())
+        return float(info[metric])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def write_best(run_dir: Path, exports: dict[str, Any], config_yaml: str, info: dict) -> Path:
+    """Replace <run_dir>/best/ with these generator weights as a whole: written into a temporary
+    directory, fsynced, then renamed over the old one. `--ckpt <run>/best` reads it like a run."""
+    run_dir = Path(run_dir)
+    tmp = run_dir / f"{TMP_PREFIX}{BEST_DIR}-{uuid.uuid4().hex[:8]}"
+    final = run_dir / BEST_DIR
+    old = run_dir / f"{TMP_PREFIX}{BEST_DIR}-old-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        for name, state in exports.items():
+            save_file(state, tmp / name)
+        write_text_durably(tmp / "config.yaml", config_yaml)
+        write_text_durably(tmp / BEST_INFO, json.dumps(info, indent=1))
+        fsync_dir(tmp)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        fsync_dir(run_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return final

@@ -47,6 +47,7 @@ class TrainConfig:
     sample_every: int = 250
     ckpt_every: int = 500  # also saved at the end and on SIGTERM/SIGUSR1/SIGINT
     keep_ckpts: int = 3  # newest checkpoints kept
+    keep_best: bool = False  # keep the generator of the lowest FID (or digits FD) in <run.dir>/best/
     ckpt_dir: Optional[str] = None  # unset: <run.dir>/checkpoints; every rank must see it
     resume: Optional[str] = None  # a checkpoint or run directory, used when run.dir has no checkpoint yet
     max_nonfinite: int = 20  # consecutive steps with NaN/Inf loss or gradient before the run stops

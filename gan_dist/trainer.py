@@ -285,7 +285,31 @@ class Trainer:
                 f.write(json.dumps(result) + "\n")
             self.logger.info("eval: " + " ".join(f"{k}={result[k]:.4g}" if isinstance(result[k], float)
                                                  else f"{k}={result[k]}" for k in ("step", *keys) if k in result))
+        if self.cfg.train.keep_best:
+            self.keep_if_best(result)
         self.write_run_info("running")
+
+    def keep_if_best(self, result: dict) -> None:
+        """train.keep_best: the generator of the lowest FD so far goes to <run.dir>/best/. Collective
+        (every rank has the same result and gathers G's full weights)."""
+        import math
+
+        from gan_dist.checkpoint import BEST_DIR, best_value, write_best
+
+        key = self.evaluator.fd_key
+        value = result.get(key)
+        if value is None or not math.isfinite(value):
+            return
+        previous = gdist.broadcast_object(best_value(self.run_dir, key) if self.info.is_main else None)
+        if previous is not None and value >= previous:
+            return
+        exports = {"generator.pt": self.strategy.full_state_dict("G")}
+        if self.ema is not None:
+            exports["generator_ema.pt"] = self.ema.full_state_dict()
+        if self.info.is_main:
+            write_best(self.run_dir, exports, to_yaml(self.cfg), {**result, "metric": key})
+            self.logger.info(f"eval: {key}={value:.4g} is the best so far: generator kept in "
+                             f"{self.run_dir / BEST_DIR}")
 
     # ---- outputs --------------------------------------------------------------------------
     def finish(self) -> None:

@@ -18,7 +18,8 @@ EVALUATE = ["-m", "gan_dist.evaluate"]
 def trained(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("eval") / "run"
     run([PYTHON, "-m", "gan_dist.train", *TINY, f"run.dir={run_dir}", "eval.enabled=true", "eval.every=2",
-         "eval.num_samples=64", "eval.batch_size=20", "eval.kid_subsets=5"], timeout=300, cwd=REPO)
+         "eval.num_samples=64", "eval.batch_size=20", "eval.kid_subsets=5", "train.keep_best=true"], timeout=300,
+        cwd=REPO)
     return run_dir
 
 
@@ -60,6 +61,16 @@ def test_evaluate_cli_prints_one_json_line_matching_the_training_evaluation(trai
     assert out["num_samples"] == 64
     assert out["digits_fd"] == pytest.approx(final["digits_fd"], rel=1e-6)
     assert out["class_coverage"] == final["class_coverage"]
+
+
+def test_keep_best_keeps_the_generator_of_the_lowest_fd(trained):
+    lines = [json.loads(x) for x in (trained / "metrics.jsonl").read_text().splitlines()]
+    best = json.loads((trained / "best" / "best.json").read_text())
+    assert best["metric"] == "digits_fd"
+    assert best["digits_fd"] == min(x["digits_fd"] for x in lines)
+    assert best["step"] == min(lines, key=lambda x: x["digits_fd"])["step"]
+    again = evaluate("--ckpt", str(trained / "best"), "eval.kid_subsets=5")
+    assert again["ema"] is True and again["digits_fd"] == pytest.approx(best["digits_fd"], rel=1e-6)
 
 
 def test_evaluate_with_two_processes_equals_one_process(trained):

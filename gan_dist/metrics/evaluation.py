@@ -20,9 +20,8 @@ import math
 import os
 import sys
 import time
-import uuid
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
@@ -127,17 +126,14 @@ class Reference:
 
     def save(self, path: Path, meta: dict) -> None:
         """Atomically: a reader never sees half a file."""
+        from gan_dist.atomic import atomic_write
+
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
         empty = np.zeros(0)
-        try:
-            with open(tmp, "wb") as f:
-                np.savez(f, mu=empty if self.mu is None else self.mu, sigma=empty if self.sigma is None else self.sigma,
-                         features=self.features, n=np.int64(self.n),
-                         meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_write(path) as f:
+            np.savez(f, mu=empty if self.mu is None else self.mu, sigma=empty if self.sigma is None else self.sigma,
+                     features=self.features, n=np.int64(self.n),
+                     meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
         self.path = path
 
     @classmethod

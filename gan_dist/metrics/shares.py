@@ -12,6 +12,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from gan_dist import distributed as gdist
+
 LATENT_BLOCK = 1024
 
 
@@ -58,9 +60,9 @@ def gather_rows(local: torch.Tensor, counts: list[int], dst: int = 0) -> Optiona
 
     Rows are padded to the largest count for the collective and the padding is dropped.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if gdist.world_size() == 1:
         return local
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = gdist.rank(), gdist.world_size()
     if len(counts) != world or local.shape[0] != counts[rank]:
         raise ValueError(f"rank {rank} holds {local.shape[0]} rows, the split says {counts}")
     width = max(max(counts), 1)
@@ -76,9 +78,9 @@ def gather_rows(local: torch.Tensor, counts: list[int], dst: int = 0) -> Optiona
 
 def all_counts(count: int) -> list[int]:
     """Every rank's `count`, on every rank (for gathers whose sizes are not known in advance)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not gdist.is_distributed():
         return [count]
     t = torch.tensor([count], dtype=torch.int64, device=_comm_device(torch.empty(0)))
-    out = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
+    out = [torch.zeros_like(t) for _ in range(gdist.world_size())]
     dist.all_gather(out, t)
     return [int(x.item()) for x in out]
