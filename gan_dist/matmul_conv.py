@@ -12,7 +12,10 @@ module (groups 1, dilation 1, zero padding) to this formulation for calls whose 
 the output grid of a convolution, the input grid of a transposed one -- has at most `max_grid`
 positions; other calls keep the native kernel. The layers keep their parameters, state_dict
 keys and hooks. The arithmetic is the convolution's (the same sums in another order), so
-results agree with the native kernels to rounding; they are deterministic on a CPU.
+results agree with the native kernels to rounding; they are deterministic on a CPU. So do the
+derivatives of every order: a backward under create_graph (a gradient penalty such as R1) is
+itself built from these convolutions, while a first-order backward runs its two matmuls on the
+patches saved by the forward.
 """
 from __future__ import annotations
 
@@ -61,6 +64,17 @@ def _nhwc_rows(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).reshape(B * H * W, C)
 
 
+def _no_autocast(t: torch.Tensor) -> torch.autocast:
+    return torch.autocast(t.device.type, enabled=False)
+
+
+# Three Functions whose derivatives are each other: the input gradient of a convolution is a
+# transposed convolution with the same weight and vice versa, and both weight gradients are the
+# bilinear map `_ConvWeightGrad` (patches of one tensor against rows of the other), whose own
+# derivatives are again a convolution and a transposed one. A first-order backward (grad mode
+# off) runs the matmuls on what the forward saved (the patches, the weight matrix); under
+# create_graph it calls the Functions instead, so that derivatives of any order are the native
+# convolution's (a penalty on input gradients, such as R1, differentiates the backward).
 class _Conv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, stride: Pair, padding: Pair):  # noqa: ANN001, ANN205
@@ -71,16 +85,23 @@ class _Conv2d(torch.autograd.Function):
         wmat = weight.permute(0, 2, 3, 1).reshape(O, kh * kw * C)
         y = torch.empty((B, O, *out), dtype=cols.dtype, device=cols.device, memory_format=torch.channels_last)
         torch.mm(cols, wmat.t(), out=y.permute(0, 2, 3, 1).view(B * out[0] * out[1], O))
-        ctx.save_for_backward(cols, wmat)
+        ctx.save_for_backward(x, weight, cols, wmat)
         ctx.geometry = (B, C, H, W, O, (kh, kw), stride, padding, out)
         return y
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
-        cols, wmat = ctx.saved_tensors
+        x, weight, cols, wmat = ctx.saved_tensors
         B, C, H, W, O, k, s, p, out = ctx.geometry
-        g = _nhwc_rows(grad)
         grad_x = grad_w = None
+        if torch.is_grad_enabled():  # create_graph: a backward that is itself differentiable
+            with _no_autocast(grad):
+                if ctx.needs_input_grad[0]:
+                    grad_x = _ConvTranspose2d.apply(grad, weight, s, p, (H, W))
+                if ctx.needs_input_grad[1]:
+                    grad_w = _ConvWeightGrad.apply(x, grad, k, s, p)
+            return grad_x, grad_w, None, None
+        g = _nhwc_rows(grad)
         if ctx.needs_input_grad[1]:
             grad_w = (g.t() @ cols).view(O, k[0], k[1], C).permute(0, 3, 1, 2)
         if ctx.needs_input_grad[0]:
@@ -96,21 +117,54 @@ class _ConvTranspose2d(torch.autograd.Function):
         rows = _nhwc_rows(x)
         wmat = weight.permute(0, 2, 3, 1).reshape(Ci, kh * kw * Co)
         y = _fold(rows @ wmat, B, size, Co, (kh, kw), stride, padding, (H, W))
-        ctx.save_for_backward(rows, wmat)
+        ctx.save_for_backward(x, weight, rows, wmat)
         ctx.geometry = (B, Ci, H, W, Co, (kh, kw), stride, padding)
         return _channels_last_copy(y)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
-        rows, wmat = ctx.saved_tensors
+        x, weight, rows, wmat = ctx.saved_tensors
         B, Ci, H, W, Co, k, s, p = ctx.geometry
-        cols = _unfold(grad.permute(0, 2, 3, 1), k, s, p, (H, W))
         grad_x = grad_w = None
+        if torch.is_grad_enabled():
+            with _no_autocast(grad):
+                if ctx.needs_input_grad[0]:
+                    grad_x = _Conv2d.apply(grad, weight, s, p)
+                if ctx.needs_input_grad[1]:
+                    grad_w = _ConvWeightGrad.apply(grad, x, k, s, p)
+            return grad_x, grad_w, None, None, None
+        cols = _unfold(grad.permute(0, 2, 3, 1), k, s, p, (H, W))
         if ctx.needs_input_grad[1]:
             grad_w = (rows.t() @ cols).view(Ci, k[0], k[1], Co).permute(0, 3, 1, 2)
         if ctx.needs_input_grad[0]:
             grad_x = (cols @ wmat.t()).view(B, H, W, Ci).permute(0, 3, 1, 2)
         return grad_x, grad_w, None, None, None
+
+
+class _ConvWeightGrad(torch.autograd.Function):
+    """The weight gradient of a convolution of `inp` [B, C, H, W] whose output gradient is
+    `gout` [B, O, oh, ow]: [O, C, kh, kw]. With the roles swapped (inp = the output gradient,
+    gout = the input) it is the weight gradient of a transposed convolution."""
+
+    @staticmethod
+    def forward(ctx, inp, gout, k: Pair, stride: Pair, padding: Pair):  # noqa: ANN001, ANN205
+        C, O = inp.shape[1], gout.shape[1]
+        cols = _unfold(inp.permute(0, 2, 3, 1), k, stride, padding, tuple(gout.shape[2:]))
+        ctx.save_for_backward(inp, gout)
+        ctx.geometry = (k, stride, padding)
+        return (_nhwc_rows(gout).t() @ cols).view(O, k[0], k[1], C).permute(0, 3, 1, 2)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        inp, gout = ctx.saved_tensors
+        k, s, p = ctx.geometry
+        grad_inp = grad_gout = None
+        with _no_autocast(grad):
+            if ctx.needs_input_grad[0]:
+                grad_inp = _ConvTranspose2d.apply(gout, grad, s, p, tuple(inp.shape[2:]))
+            if ctx.needs_input_grad[1]:
+                grad_gout = _Conv2d.apply(inp, grad, s, p)
+        return grad_inp, grad_gout, None, None, None
 
 
 def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
