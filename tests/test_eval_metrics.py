@@ -254,3 +254,47 @@ def test_reference_from_features_keeps_a_bounded_kid_subset():
     ref = Reference.from_features(feats)
     assert ref.n == 12_000 and len(ref.features) == 10_000 and ref.features.dtype == np.float32
     np.testing.assert_allclose(ref.mu, feats.mean(0))
+
+
+# ---- image sources: folders and shards, split by index ------------------------------------------------
+def test_shard_and_folder_sources_split_into_index_ranges_exactly(demo, tmp_path):
+    from PIL import Image
+
+    from gan_dist.metrics.sources import FolderSource, open_source
+
+    urls, images = demo
+    source = ShardSource(urls)
+    assert source.count() == 1797 and len(urls) > 1
+    whole = torch.stack(list(source.images(0, 1797)))
+    assert whole.shape == (1797, 1, 32, 32)
+    assert whole.double().sum() == float(images.astype(np.float64).sum())  # the demo images, in shard order
+    cuts = [0, 5, 600, 601, 1797]  # ranges that start and end inside and across shards
+    parts = torch.cat([torch.stack(list(source.images(a, b))) for a, b in zip(cuts, cuts[1:])])
+    assert torch.equal(parts, whole)
+    assert isinstance(open_source(str(Path(urls[0]).parent)), ShardSource)
+
+    folder = tmp_path / "imgs"
+    (folder / "sub").mkdir(parents=True)
+    Image.fromarray(images[0]).save(folder / "b.png")
+    Image.fromarray(np.zeros((5, 7, 4), np.uint8), "RGBA").save(folder / "sub" / "a.png")
+    Image.fromarray(images[1]).save(folder / "a.png")
+    (folder / "notes.txt").write_text("not an image")
+    src = open_source(str(folder))
+    assert isinstance(src, FolderSource) and [p.name for p in src.files] == ["a.png", "b.png", "a.png"]
+    got = list(src.images(0, 3))
+    assert torch.equal(got[0][0], torch.from_numpy(images[1])) and got[0].shape == (1, 32, 32)
+    assert got[2].shape == (3, 5, 7)  # RGBA -> RGB, stored size
+    assert any("RGBA" in n for n in src.notes)
+    with pytest.raises(Exception, match="fewer than --n 4.*--n all"):
+        src.resolve_n(4, "--fake")
+
+
+def test_images_of_mixed_sizes_are_batched_by_shape():
+    from gan_dist.metrics.evaluation import _uniform_batches
+
+    imgs = [torch.zeros(3, 8, 8, dtype=torch.uint8)] * 2 + [torch.full((1, 4, 4), 255, dtype=torch.uint8)] \
+        + [torch.zeros(3, 8, 8, dtype=torch.uint8)] * 3
+    seen: set[int] = set()
+    batches = list(_uniform_batches(imgs, 2, seen))
+    assert [tuple(b.shape) for b in batches] == [(2, 3, 8, 8), (1, 1, 4, 4), (2, 3, 8, 8), (1, 3, 8, 8)]
+    assert batches[1].max() == 1.0 and batches[0].min() == -1.0 and seen == {1, 3}
