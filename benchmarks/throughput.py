@@ -60,6 +60,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--data", default="synthetic", choices=["synthetic", "shards"],
                    help="synthetic: random batches already on the device; shards: the trainer's loader "
                         "on data.urls (default: the demo digits, 1x32x32: use --model dcgan-32)")
+    p.add_argument("--recipe", default="plain",
+                   help=f"comma-separated recipes to time side by side: {', '.join(RECIPES)} (default: plain)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override for every row, e.g. parallel.fsdp.reshard_after_forward=false")
     p.add_argument("--seed-loop", action=argparse.BooleanOptionalAction, default=True,
@@ -79,6 +81,29 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.batch_size <= 0 or min(args.warmup, args.repeats - 1, args.iters - 1) < 0:
         p.error("--batch-size, --repeats and --iters must be positive, --warmup >= 0")
     return args
+
+
+# recipes to time side by side (--recipe): the overrides each adds to a row
+RECIPES = {
+    "plain": [],
+    "hinge": ["train.loss=hinge"],
+    "r1": ["reg.r1_gamma=1", "reg.d_every=1"],  # R1 in every step's Dmain backward
+    "r1-lazy16": ["reg.r1_gamma=1", "reg.d_every=16"],  # StyleGAN2's lazy R1: a Dreg phase every 16 steps
+}
+
+
+def recipe_costs(rows: list[dict[str, Any]]) -> str:
+    """Each recipe's iteration time relative to the plain recipe's row with the same settings."""
+    lines = []
+    for r in rows:
+        if r.get("recipe", "plain") == "plain" or r["impl"] != "gan_dist":
+            continue
+        key = lambda x: (x["strategy"], x["precision"], x["channels_last"], x["compile"], x["matmul_conv"])  # noqa: E731
+        plain = next((p for p in rows if p.get("recipe") == "plain" and key(p) == key(r)), None)
+        if plain is not None:
+            r["cost_vs_plain"] = round(plain["img_per_sec"] / r["img_per_sec"], 3)
+            lines.append(f"- {r['label']}: {r['cost_vs_plain']:.2f}x the plain iteration's time")
+    return "Recipe cost per iteration (side by side in this run):\n" + "\n".join(lines) if lines else ""
 
 
 def sweep(args: argparse.Namespace, world_size: int,
@@ -142,13 +167,22 @@ def run(args: argparse.Namespace) -> Optional[dict[str, Any]]:
             benches.append(SeedLoopBench(cfg, info, args.data, timeline, args.model))
         except ValueError as exc:
             skipped.append({"label": "seed_loop fp32", "reason": str(exc)})
-    for strategy, precision, channels_last, compiled, matmul_conv in combos:
+    recipes = [x.strip() for x in args.recipe.split(",") if x.strip()]
+    for x in recipes:
+        if x not in RECIPES:
+            raise SystemExit(f"--recipe {x!r} is not one of: {', '.join(RECIPES)}")
+    for (strategy, precision, channels_last, compiled, matmul_conv), recipe in itertools.product(combos, recipes):
         cfg = common.build_config(args.model, args.batch_size, precision, strategy, channels_last, compiled,
-                                  args.overrides, matmul_conv)
+                                  [*args.overrides, *RECIPES[recipe]], matmul_conv)
         label = f"gan_dist {strategy} {precision}" + (" channels_last" if channels_last else "") + (
-            " compile" if compiled else "") + f" matmul_conv={matmul_conv}"
+            " compile" if compiled else "") + f" matmul_conv={matmul_conv}" + f" recipe={recipe}"
         try:
-            benches.append(common.GanDistBench(cfg, info, args.data, timeline, args.model))
+            bench = common.GanDistBench(cfg, info, args.data, timeline, args.model)
+            bench.row["recipe"] = recipe
+            if recipe != "plain":
+                bench.row["is_default"] = False
+                bench.row["label"] = common.row_label(bench.row) + f" [{recipe}]"
+            benches.append(bench)
         except ImportError as exc:  # a strategy module or its package is not there (yet)
             skipped.append({"label": label, "reason": f"not available: {exc}"})
         except (ValueError, RuntimeError) as exc:  # e.g. a combination the strategy refuses
@@ -170,10 +204,11 @@ def run(args: argparse.Namespace) -> Optional[dict[str, Any]]:
         per_rank = common.gather(common.rank_summary(bench, spec))
         rows.append(common.make_row(bench, per_rank, peaks, spec))
     common.add_seed_ratios(rows)
+    summary = recipe_costs(rows)
     env["loadavg_end"] = common.loadavg()
     env["other_processes_cpu_cores"] = other.cores()
     result = {"benchmark": "throughput", "env": env, "peak_flops_per_sec": peaks, "rows": rows,
-              "skipped": skipped, "timing": vars(spec)}
+              "skipped": skipped, "timing": vars(spec), **({"summary": summary} if summary else {})}
     is_main = info.is_main
     teardown()
     return result if is_main else None

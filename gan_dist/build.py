@@ -18,7 +18,7 @@ def setup_models(strategy: Any, cfg: Any, seed: Optional[int] = None,
     """Build the configured family's G and D (weights from `seed`, default run.seed), hand them
     to `strategy` with the recipe's optimizers, and return (recipe, spec, parameter counts)."""
     spec = model_spec(cfg.model)
-    recipe = build_recipe(cfg)
+    recipe = build_recipe(cfg, spec)
     G, D = spec.build(cfg.run.seed if seed is None else seed)
     counts = spec.param_counts(G, D)
     strategy.setup(G, D, make_optimizer or optimizer_factory(cfg.train, recipe), spec.shard_units)
@@ -41,7 +41,8 @@ def step_batches(cfg: Any, spec: ModelSpec, step: int, rank: int, world_size: in
         micro = []
         for m in range(t.grad_accum):
             lo = base + (rank * t.grad_accum + m) * b
-            z = rng.randn_by_index(cfg.run.seed, rng.Z, range(lo, lo + b), (spec.z_dim,), device)
-            micro.append(Batch(real=next_real(), z=z))
+            index = range(lo, lo + b)
+            z = rng.randn_by_index(cfg.run.seed, rng.Z, index, (spec.z_dim,), device)
+            micro.append(Batch(real=next_real(), z=z, g_inputs=spec.draw_g_inputs(cfg.run.seed, index, device)))
         out.append(micro)
     return out

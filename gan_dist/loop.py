@@ -10,8 +10,8 @@ last micro-batch, and a phase that trains G computes no gradient of D.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -22,11 +22,16 @@ from gan_dist.recipe import Phase, Recipe, squared_grad_norm
 @dataclass
 class Batch:
     """One micro-batch of one rank: real images and their labels, the latents and labels of
-    the fakes (labels None for an unconditional model)."""
+    the fakes (labels None for an unconditional model), and the family's other per-sample
+    inputs of G (`ModelSpec.draw_g_inputs`), passed to G as keyword arguments."""
     real: torch.Tensor
     z: torch.Tensor
     real_c: Optional[torch.Tensor] = None
     fake_c: Optional[torch.Tensor] = None
+    g_inputs: dict[str, Any] = field(default_factory=dict)
+
+    def fake(self, G: Any) -> torch.Tensor:
+        return G(self.z, self.fake_c, **self.g_inputs)
 
 
 def d_terms(strategy: Strategy, recipe: Recipe, phase: Phase, b: Batch,
@@ -89,15 +94,21 @@ def train_step(strategy: Strategy, recipe: Recipe, batches: Sequence[Sequence[Ba
                             if needs_fake and (phase.name == "Dmain" or fake is None or not reuse_fake):
                                 # (1) the fakes of a D update; kept with their graph for Gmain
                                 with torch.set_grad_enabled(phase.name == "Dmain" and last and reuse_fake):
-                                    fake = G(b.z, b.fake_c)
+                                    fake = b.fake(G)
                             loss, values = d_terms(strategy, recipe, phase, b, fake)
-                        else:
+                        elif "adv" in phase.terms:
                             # (2) the G update: D frozen, no gradient of D computed or reduced
                             if not reuse_fake:
-                                fake = G(b.z, b.fake_c)
+                                fake = b.fake(G)
                             real_logits = D(b.real, b.real_c) if recipe.loss.g_needs_real else None
                             loss, values = recipe.loss.g_loss(D(fake, b.fake_c), real_logits)
                             values["loss/G"] = loss.detach()
+                        else:
+                            # a family's own G terms (Greg), lazy: weighted by the interval
+                            loss, values = 0.0, {}
+                            for name in phase.terms:
+                                term_loss, term_values = recipe.terms[name](strategy, b)
+                                loss, values = loss + term_loss * phase.weight, {**values, **term_values}
                     strategy.backward(loss / n_micro, phase.trains)
                 if last:
                     record(values)

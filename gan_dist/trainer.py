@@ -19,7 +19,7 @@ import torch
 
 from gan_dist import distributed as gdist
 from gan_dist.atomic import save_torch_atomic, write_text_atomic
-from gan_dist.checkpoint import FORMAT, Checkpointer, note, rng_state, set_rng_state, warn
+from gan_dist.checkpoint import FORMAT, Checkpointer, rng_state, set_rng_state
 from gan_dist.config import Config, to_dict, to_yaml
 from gan_dist.data import DataError, make_loader, shared_shards
 from gan_dist.distributed import DistInfo
@@ -27,6 +27,7 @@ from gan_dist.ema import build_ema
 from gan_dist.faults import (EXIT_RETRY, FaultInjector, NonFiniteError, NonFiniteGuard, StepAgreement,
                              StopSignals, signal_name)
 from gan_dist.runlog import RunLogger, Throughput, save_grid
+from gan_dist.messages import note, warn
 from gan_dist.loop import Batch, train_step
 from gan_dist.build import setup_models, step_batches
 from gan_dist.parallel import build_strategy
@@ -197,6 +198,7 @@ class Trainer:
             "world_size": self.info.world_size, "strategy": self.strategy.name, "config": to_dict(self.cfg),
             "guard": self.guard.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
+            "recipe": self.recipe.state_dict(),  # e.g. a penalty's running mean
         }
         rank_state = {
             "rank": self.info.rank, "rng": rng_state(self.device),
@@ -217,6 +219,7 @@ class Trainer:
         self.step = trainer_state["step"]
         self.images_seen = trainer_state["images_seen"]
         self.guard.load_state_dict(trainer_state["guard"])
+        self.recipe.load_state_dict(trainer_state.get("recipe") or {})
         if self.ema is not None and trainer_state.get("ema") is not None:
             self.ema.load_state_dict(trainer_state["ema"])
         if path.parent == self.ckpt.root:

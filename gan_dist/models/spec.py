@@ -8,8 +8,8 @@ indices or None; an unconditional family ignores it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -29,6 +29,12 @@ class ModelSpec:
     shard_units: Callable[[nn.Module], list[nn.Module]]
     # rejects settings the family cannot build, naming the config key (ConfigError)
     check: Callable[[Any], None] = lambda model_cfg: None
+    # per-sample random inputs of G besides z (style mixing, noise inputs): keyword arguments of
+    # G's forward, drawn as a function of (seed, global sample indices) only (gan_dist.rng)
+    draw_g_inputs: Callable[[int, Sequence[int], Any], dict[str, Any]] = lambda seed, indices, device: {}
+    # the family's own phases (e.g. StyleGAN2's Greg with path length), from the run config:
+    # [(Phase, {term name: Term})]; a Term is called as term(strategy, batch) -> (loss, stats)
+    extra_phases: Callable[[Any], list] = field(default=lambda cfg: [])
 
     def build(self, seed: int) -> tuple[nn.Module, nn.Module]:
         """G and D with weights drawn from `seed`, identical on every rank, the caller's RNG untouched."""

@@ -170,11 +170,16 @@ class _Call(nn.Module):
         self.dtype = dtype
         self._use_module = use_module
 
-    def forward(self, x: torch.Tensor, c: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: Optional[torch.Tensor] = None, **kwargs: Any) -> Any:
         if x.is_floating_point():
             x = x.to(self.dtype)
+        kwargs = {k: v.to(self.dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                  for k, v in kwargs.items()}
         fn = self.engine.module if self._use_module() else self.engine
-        return fn(x, c).float()
+        out = fn(x, c, **kwargs)
+        if isinstance(out, tuple):  # e.g. (images, w) for a penalty on G's intermediate latents
+            return tuple(o.float() if o.is_floating_point() else o for o in out)
+        return out.float()
 
 
 class DeepSpeedStrategy(Strategy):

@@ -6,7 +6,7 @@ backward, and how often it runs (as in StyleGAN2-ADA's Gmain/Greg/Dmain/Dreg):
     Dmain   trains D   adv [+ r1, r2 when reg.d_every == 1]   every step, train.d_steps times
     Dreg    trains D   r1, r2 (x d_every)                      every reg.d_every steps (lazy)
     Gmain   trains G   adv                                     every step
-    Greg    trains G   (family-specific, e.g. path length)     none yet
+    Greg    trains G   a family's own terms (StyleGAN2: path length), from ModelSpec.extra_phases
 
 Lazy regularisation (Karras et al. 2020): a penalty computed every k steps is multiplied by k,
 and the optimizer of the model it regularises gets lr * k/(k+1) and betas ** (k/(k+1)) so that
@@ -43,6 +43,17 @@ class Recipe:
     loss: Loss
     phases: tuple[Phase, ...]
     gammas: dict[str, float] = field(default_factory=dict)  # penalty -> gamma
+    # a family's own loss terms by name, called as term(strategy, batch) -> (loss, stats); a term
+    # with state (a running mean) has state_dict/load_state_dict and is checkpointed with the run
+    terms: dict[str, Any] = field(default_factory=dict)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {n: t.state_dict() for n, t in self.terms.items() if hasattr(t, "state_dict")}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for n, t in self.terms.items():
+            if hasattr(t, "load_state_dict") and n in state:
+                t.load_state_dict(state[n])
 
     def due(self, step: int) -> list[Phase]:
         return [p for p in self.phases if p.due(step)]
@@ -52,8 +63,9 @@ class Recipe:
         return max([p.every for p in self.phases if p.trains == model and p.name.endswith("reg")], default=1)
 
 
-def build_recipe(cfg: Any) -> Recipe:
-    """The recipe of a run config: train.loss and the reg section."""
+def build_recipe(cfg: Any, spec: Any = None) -> Recipe:
+    """The recipe of a run config: train.loss, the reg section, and the model family's own
+    phases (`ModelSpec.extra_phases`, e.g. StyleGAN2's path length)."""
     gammas = {name: g for name, g in (("r1", cfg.reg.r1_gamma), ("r2", cfg.reg.r2_gamma)) if g > 0}
     penalties = tuple(gammas)
     k = cfg.reg.d_every
@@ -62,7 +74,11 @@ def build_recipe(cfg: Any) -> Recipe:
     if lazy:
         phases.append(Phase("Dreg", "D", penalties, every=k, weight=float(k)))
     phases.append(Phase("Gmain", "G", ("adv",)))
-    return Recipe(build_loss(cfg.train.loss), tuple(phases), gammas)
+    terms: dict[str, Any] = {}
+    for phase, phase_terms in (spec.extra_phases(cfg) if spec is not None else []):
+        phases.append(phase)
+        terms.update(phase_terms)
+    return Recipe(build_loss(cfg.train.loss), tuple(phases), gammas, terms)
 
 
 __all__ = ["LOSSES", "Loss", "PENALTIES", "Phase", "Recipe", "build_loss", "build_recipe", "squared_grad_norm"]
