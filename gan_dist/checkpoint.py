@@ -30,7 +30,6 @@ import os
 import random
 import re
 import shutil
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -42,6 +41,7 @@ import torch
 from gan_dist import distributed as gdist
 from gan_dist.atomic import TMP_PREFIX, fsync_dir, write_text_atomic
 from gan_dist.distributed import DistInfo
+from gan_dist.messages import note, warn
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -59,14 +59,6 @@ SHOULD_MATCH = ("train.batch_size", "train.grad_accum", "train.d_steps", "train.
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be written, read or used; the message names the file and the fix."""
-
-
-def warn(message: str) -> None:
-    print(f"gan_dist: warning: {message}", file=sys.stderr, flush=True)
-
-
-def note(message: str) -> None:
-    print(f"gan_dist: {message}", file=sys.stderr, flush=True)
 
 
 def step_dir_name(step: int) -> str:

@@ -5,7 +5,6 @@ turns bad input into a one-line error with exit code 2, and always tears the gro
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any, Callable
 
 EXIT_USAGE = 2
@@ -32,6 +31,7 @@ def run_cli(prog: str, body: Callable[[Any], None], usage_errors: tuple[type, ..
 
     from gan_dist import distributed as gdist
     from gan_dist.config import ConfigError
+    from gan_dist.messages import error
 
     info = gdist.init_distributed()
     code = 1
@@ -40,7 +40,7 @@ def run_cli(prog: str, body: Callable[[Any], None], usage_errors: tuple[type, ..
         body(info)
         code = 0
     except (UsageError, ConfigError, *usage_errors) as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        error(str(exc), prog)
         code = EXIT_USAGE
     finally:
         gdist.teardown(clean=code == 0)

@@ -13,6 +13,7 @@ from typing import Optional
 
 from gan_dist.config import ConfigError, load_config, to_yaml
 from gan_dist.launcher import apply_launcher_requests, configure_threads
+from gan_dist.messages import error
 
 EXIT_CONFIG = 2
 
@@ -32,7 +33,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         cfg = load_config(args.config, args.overrides)
         apply_launcher_requests(cfg, args.config, args.overrides)
     except ConfigError as exc:
-        print(f"gan_dist: config error: {exc}", file=sys.stderr)
+        error(str(exc), kind="config error")
         return EXIT_CONFIG
     if args.print_config:
         print(to_yaml(cfg), end="")
@@ -52,13 +53,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         trainer = Trainer(cfg, info)
         code = trainer.fit()
     except (ConfigError, DataError, NotImplementedError) as exc:
-        print(f"gan_dist: error: {exc}", file=sys.stderr)
+        error(str(exc))
         code = EXIT_CONFIG
     except CheckpointError as exc:
-        print(f"gan_dist: checkpoint error: {exc}", file=sys.stderr)
+        error(str(exc), kind="checkpoint error")
         code = EXIT_CHECKPOINT
     except NonFiniteError as exc:
-        print(f"gan_dist: error: {exc}", file=sys.stderr)
+        error(str(exc))
         code = EXIT_NONFINITE
     finally:
         if trainer is not None:
