@@ -198,6 +198,7 @@ class Trainer:
             "world_size": self.info.world_size, "strategy": self.strategy.name, "config": to_dict(self.cfg),
             "guard": self.guard.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
+            "recipe": self.recipe.state_dict(),  # e.g. a penalty's running mean
         }
         rank_state = {
             "rank": self.info.rank, "rng": rng_state(self.device),
@@ -218,6 +219,7 @@ class Trainer:
         self.step = trainer_state["step"]
         self.images_seen = trainer_state["images_seen"]
         self.guard.load_state_dict(trainer_state["guard"])
+        self.recipe.load_state_dict(trainer_state.get("recipe") or {})
         if self.ema is not None and trainer_state.get("ema") is not None:
             self.ema.load_state_dict(trainer_state["ema"])
         if path.parent == self.ckpt.root:
