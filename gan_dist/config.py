@@ -62,12 +62,46 @@ class DCGANConfig:
 
 
 @dataclass
+class StyleGAN2Config:
+    """StyleGAN2 (gan_dist/models/stylegan2, docs/models.md); unset sizes come from the preset."""
+    preset: str = "stylegan2"  # stylegan2 | paper256 (stylegan2-ada-pytorch's cfg_specs) | none (every size set)
+    z_dim: int = 512  # latent size
+    w_dim: int = 512  # intermediate latent size
+    mapping_layers: Optional[int] = None  # FC layers of the mapping network (presets: 8)
+    channel_base: Optional[int] = None  # feature maps at resolution r: min(channel_base // r, channel_max)
+    channel_max: Optional[int] = None  # (presets: 512)
+    mbstd_group: Optional[int] = None  # samples per minibatch-std group (stylegan2: 4, paper256: 8)
+    conv_clamp: Optional[float] = None  # clamp of convolution outputs, 0: off (presets: 256)
+    mapping_lr_mult: float = 0.01  # learning-rate multiplier of the mapping layers
+    w_avg_beta: float = 0.995  # decay of the tracked average w (truncation)
+    style_mixing: float = 0.9  # probability that a fake mixes the w of two latents
+    pl_weight: float = 2.0  # path-length regularisation weight; 0: no Greg phase
+    pl_every: int = 4  # Greg every pl_every steps (lazy, weighted by the interval)
+    pl_decay: float = 0.01  # decay of the path-length running mean
+    pl_batch_shrink: int = 2  # Greg runs on batch_size // pl_batch_shrink samples
+
+
+@dataclass
+class R3GANConfig:
+    """R3GAN's networks (gan_dist/models/r3gan); unset lists and sizes come from the preset."""
+    preset: str = "cifar10"  # cifar10 | ffhq64 | ffhq256 | imagenet32 | imagenet64 | tiny
+    widths: Optional[list[int]] = None  # G's channels per stage from 4x4 up (D: the reverse)
+    cardinalities: Optional[list[int]] = None  # groups of each stage's KxK convolutions
+    blocks: Optional[list[int]] = None  # residual blocks per stage
+    expansion: Optional[int] = None  # channels inside a block / the stage's width
+    z_dim: Optional[int] = None  # latent size
+    kernel_size: int = 3  # of the grouped convolution
+
+
+@dataclass
 class ModelConfig:
     arch: str = "dcgan"  # the family: its settings are the section of the same name
-    resolution: Any = 32  # image side in pixels
-    channels: Any = 1  # 1 | 3
+    resolution: Any = "auto"  # image side in pixels; auto: from the data (its manifest or first sample)
+    channels: Any = "auto"  # 1 | 3 | auto (from the data)
     num_classes: int = 0  # 0: unconditional
     dcgan: DCGANConfig = field(default_factory=DCGANConfig)
+    stylegan2: StyleGAN2Config = field(default_factory=StyleGAN2Config)
+    r3gan: R3GANConfig = field(default_factory=R3GANConfig)
 
 
 @dataclass

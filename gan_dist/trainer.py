@@ -20,7 +20,7 @@ import torch
 from gan_dist import distributed as gdist
 from gan_dist.atomic import save_torch_atomic, write_text_atomic
 from gan_dist.checkpoint import FORMAT, Checkpointer, rng_state, set_rng_state
-from gan_dist.config import Config, to_dict, to_yaml
+from gan_dist.config import Config, ConfigError, to_dict, to_yaml, validate
 from gan_dist.data import DataError, make_loader, shared_shards
 from gan_dist.distributed import DistInfo
 from gan_dist.ema import build_ema
@@ -59,6 +59,36 @@ def default_run_dir() -> str:
     return gdist.broadcast_object(time.strftime("runs/%Y%m%d-%H%M%S"))
 
 
+def resolve_data_shape(cfg: Config, urls: list[str], is_main: bool) -> dict[str, Any]:
+    """Fill `model.channels` / `model.resolution` given as `auto` from the data (its manifest, else
+    its first sample), and check explicit values against it. Collective: the main rank reads the
+    data and every rank gets the answer (or the same DataError). Returns what run_info.json records."""
+    from gan_dist.data.shape import data_shape
+
+    result: Any = None
+    if is_main:
+        try:
+            result = data_shape(urls, scan_labels=False)
+        except DataError as exc:
+            result = exc
+    result = gdist.broadcast_object(result)
+    if isinstance(result, DataError):
+        raise DataError(str(result))
+    used: dict[str, Any] = {"auto": []}
+    for key, found in (("channels", result.channels), ("resolution", result.resolution)):
+        value = getattr(cfg.model, key)
+        if value == "auto":
+            setattr(cfg.model, key, found)
+            used["auto"].append(key)
+        elif value != found:
+            what = {1: "grayscale", 3: "RGB"}.get(found, found) if key == "channels" else f"{found}x{found}"
+            raise ConfigError(f"model.{key}={value} but the data is {what} ({result.origin}): "
+                              f"set model.{key}={found} or model.{key}=auto")
+        used[key] = found
+    validate(cfg)  # the family checks the shape it now has (e.g. DCGAN: 32 or 64 px)
+    return {**used, "source": result.source, "origin": result.origin}
+
+
 class Trainer:
     def __init__(self, cfg: Config, info: DistInfo) -> None:
         self.cfg, self.info = cfg, info
@@ -66,17 +96,18 @@ class Trainer:
         if cfg.run.dir is None:
             cfg.run.dir = default_run_dir()
         self.run_dir = Path(cfg.run.dir)
+        shards = shared_shards(cfg, info.is_main, gdist.broadcast_object)
+        self.urls = shards.urls
+        self.data_shape = resolve_data_shape(cfg, self.urls, info.is_main)  # model.channels/resolution=auto
         if info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))  # resolved: what generate/evaluate rebuild
         seed_everything(cfg.run.seed, info.rank)
 
         self.strategy = build_strategy(info, cfg)
         self.recipe, self.spec, self.params = setup_models(self.strategy, cfg)
         self.ema = build_ema(self.strategy, cfg.ema)  # before resuming: checkpoints hold its state
 
-        shards = shared_shards(cfg, info.is_main, gdist.broadcast_object)
-        self.urls = shards.urls
         self.data = make_loader(cfg, shards, info.rank, info.world_size, self.device)
         self.data_summary: Optional[dict] = None  # all ranks' data counts, as of the last log
         from gan_dist.metrics.evaluation import training_evaluator
@@ -352,6 +383,7 @@ class Trainer:
             "resumed_from": self.resumed_from,
             "ema": self.ema is not None,
             "model": self.spec.family,
+            "data_shape": self.data_shape,
             "params": self.params,
             "phases": [{"name": p.name, "trains": p.trains, "terms": list(p.terms), "every": p.every}
                        for p in self.recipe.phases],

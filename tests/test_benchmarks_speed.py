@@ -13,7 +13,7 @@ from gan_dist.parallel import build_strategy
 from gan_dist.parallel.base import NAMES
 
 # the plain eager fp32 step: every speed setting off
-TINY = ["model.dcgan.ngf=4", "model.dcgan.ndf=4", "model.dcgan.nz=8", "train.batch_size=4", "train.precision=fp32",
+TINY = ["model.resolution=32", "model.channels=1", "model.dcgan.ngf=4", "model.dcgan.ndf=4", "model.dcgan.nz=8", "train.batch_size=4", "train.precision=fp32",
         "parallel.strategy=none", "train.channels_last=false", "train.compile=false"]
 INFO = DistInfo(0, 1, 0, 1, 0, torch.device("cpu"), None, "python")
 

@@ -21,7 +21,7 @@ from tests._ckpt import latest, models, step_of, train, train_cmd
 from tests._mp import PYTHON, REPO, run
 
 INFO = DistInfo(0, 1, 0, 1, 0, torch.device("cpu"), None, "python")
-TINY_MODEL = ["model.dcgan.ngf=8", "model.dcgan.ndf=8", "model.dcgan.nz=16", "train.precision=fp32"]
+TINY_MODEL = ["model.resolution=32", "model.channels=1", "model.dcgan.ngf=8", "model.dcgan.ndf=8", "model.dcgan.nz=16", "train.precision=fp32"]
 
 
 def make(*overrides: str):
@@ -160,7 +160,7 @@ def test_model_config_mismatch_names_the_keys(tmp_path):
     cfg, strategy = make()
     ckpt = Checkpointer(tmp_path, keep=3, info=INFO)
     path = save(ckpt, cfg, strategy, 1)
-    cfg16, other = make("model.dcgan.ngf=16", "model.dcgan.nz=32")
+    cfg16, other = make("model.resolution=32", "model.channels=1", "model.dcgan.ngf=16", "model.dcgan.nz=32")
     with pytest.raises(CheckpointError) as e:
         ckpt.load(path, other, to_dict(cfg16))
     msg = str(e.value)

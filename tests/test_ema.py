@@ -17,7 +17,7 @@ from tests._mp import PYTHON, REPO, run, run_ranks
 
 WORKER = str(REPO / "tests" / "workers" / "eval_ema_worker.py")
 PER_RANK = str(REPO / "tests" / "workers" / "per_rank.py")
-TINY_MODEL = ["train.precision=fp32", "model.dcgan.norm=batch", "model.dcgan.ngf=8", "model.dcgan.ndf=8", "model.dcgan.nz=16"]
+TINY_MODEL = ["train.precision=fp32", "model.dcgan.norm=batch", "model.resolution=32", "model.channels=1", "model.dcgan.ngf=8", "model.dcgan.ndf=8", "model.dcgan.nz=16"]
 
 
 def one_process_strategy(*overrides: str):

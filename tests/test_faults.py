@@ -25,7 +25,7 @@ def snapshot(strategy) -> dict:
 
 
 def test_a_nan_batch_skips_the_d_update_and_restores_batchnorm_statistics():
-    cfg = load_config(None, ["model.dcgan.ngf=8", "model.dcgan.ndf=8", "model.dcgan.nz=16", "train.precision=fp32", "model.dcgan.norm=batch"])
+    cfg = load_config(None, ["model.resolution=32", "model.channels=1", "model.dcgan.ngf=8", "model.dcgan.ndf=8", "model.dcgan.nz=16", "train.precision=fp32", "model.dcgan.norm=batch"])
     strategy = build_strategy(INFO, cfg)
     recipe, _, _ = setup_models(strategy, cfg, seed=1)
     guard = NonFiniteGuard(strategy)
@@ -128,7 +128,7 @@ def test_consecutive_nonfinite_steps_stop_the_run_and_keep_the_last_good_checkpo
 def test_training_step_and_guard_never_read_a_tensor_on_the_host(monkeypatch, precision, reg, spoiled):
     """The hot loop stays on the device: neither a good nor a NaN step calls .item(), .tolist()
     or bool()/float()/int() of a tensor (each would be a host sync on a GPU)."""
-    cfg = load_config(None, ["model.dcgan.ngf=8", "model.dcgan.ndf=8", "model.dcgan.nz=16",
+    cfg = load_config(None, ["model.resolution=32", "model.channels=1", "model.dcgan.ngf=8", "model.dcgan.ndf=8", "model.dcgan.nz=16",
                              f"train.precision={precision}", *reg])
     strategy = build_strategy(INFO, cfg)
     recipe, _, _ = setup_models(strategy, cfg, seed=1)

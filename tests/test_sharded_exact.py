@@ -42,7 +42,7 @@ def ddp_runs(tmp_path_factory) -> dict:
 
 
 def init_weights(norm: str) -> dict:
-    cfg = load_config(None, [f"model.dcgan.norm={norm}", "model.dcgan.ngf=8", "model.dcgan.ndf=8", "model.dcgan.nz=16"])
+    cfg = load_config(None, [f"model.dcgan.norm={norm}", "model.resolution=32", "model.channels=1", "model.dcgan.ngf=8", "model.dcgan.ndf=8", "model.dcgan.nz=16"])
     G, D = build_models(cfg.model, seed=3)
     return {"G": G.state_dict(), "D": D.state_dict()}
 

@@ -15,7 +15,7 @@ from tests._mp import PYTHON, base_env, free_port, run, run_ranks
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.timeout(600)]
 
-TINY = ["model.dcgan.ngf=8", "model.dcgan.ndf=8", "model.dcgan.nz=16", "train.batch_size=8", "data.num_workers=0",
+TINY = ["model.resolution=32", "model.channels=1", "model.dcgan.ngf=8", "model.dcgan.ndf=8", "model.dcgan.nz=16", "train.batch_size=8", "data.num_workers=0",
         "run.threads=1", "eval.enabled=false", "train.log_every=1"]
 
 

@@ -421,12 +421,10 @@ class Evaluator:
 # ---- during training ------------------------------------------------------------------------------
 def model_shape(cfg: Any) -> tuple[int, int, int]:
     """(channels, resolution, latent size) of the run's generator."""
-    from gan_dist import models
+    from gan_dist.models import model_spec
 
-    if hasattr(models, "model_spec"):
-        spec = models.model_spec(cfg.model)
-        return spec.channels, spec.resolution, spec.z_dim
-    return cfg.model.channels, cfg.model.resolution, cfg.model.nz
+    spec = model_spec(cfg.model)
+    return spec.channels, spec.resolution, spec.z_dim
 
 
 def training_plan(eval_cfg: Any, demo: bool) -> Optional[MetricPlan]:

@@ -62,7 +62,7 @@ def main() -> None:
 
     info = gdist.init_distributed(timeout_s=120)
     W, r = info.world_size, info.rank
-    cfg = load_config(None, ["train.precision=fp32", f"model.dcgan.norm={args.norm}", "model.dcgan.ngf=8",
+    cfg = load_config(None, ["train.precision=fp32", f"model.dcgan.norm={args.norm}", "model.resolution=32", "model.channels=1", "model.dcgan.ngf=8",
                              "model.dcgan.ndf=8", "model.dcgan.nz=16", f"train.grad_accum={args.accum}",
                              f"train.d_steps={args.d_steps}", f"train.loss={args.loss}"])
     strategy = build_strategy(info, cfg)

@@ -46,7 +46,7 @@ def main() -> None:
     args = p.parse_args()
 
     info = gdist.init_distributed(timeout_s=120)
-    cfg = load_config(None, ["train.precision=fp32", "model.dcgan.norm=batch", "model.dcgan.ngf=8", "model.dcgan.ndf=8",
+    cfg = load_config(None, ["train.precision=fp32", "model.dcgan.norm=batch", "model.resolution=32", "model.channels=1", "model.dcgan.ngf=8", "model.dcgan.ndf=8",
                              "model.dcgan.nz=16", f"parallel.strategy={args.strategy}"]
                       + ([f"parallel.deepspeed.zero_stage={args.zero_stage}"] if args.zero_stage is not None else []))
     strategy = build_strategy(info, cfg)

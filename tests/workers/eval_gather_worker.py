@@ -58,7 +58,7 @@ def main() -> None:
         from gan_dist.config import load_config
         from gan_dist.models import build_models
 
-        cfg = load_config(None, ["model.dcgan.ngf=8", "model.dcgan.ndf=8", "model.dcgan.nz=16"])
+        cfg = load_config(None, ["model.resolution=32", "model.channels=1", "model.dcgan.ngf=8", "model.dcgan.ndf=8", "model.dcgan.nz=16"])
         G, _ = build_models(cfg.model, seed=3)
         G.eval()
         extractor = DigitsExtractor(torch.device("cpu"))

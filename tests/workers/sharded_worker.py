@@ -175,7 +175,7 @@ def main() -> None:
     log.install()
     info = gdist.init_distributed(timeout_s=120)
     W, r = info.world_size, info.rank
-    overrides = [f"train.precision={args.precision}", f"model.dcgan.norm={args.norm}", "model.dcgan.ngf=8", "model.dcgan.ndf=8",
+    overrides = [f"train.precision={args.precision}", f"model.dcgan.norm={args.norm}", "model.resolution=32", "model.channels=1", "model.dcgan.ngf=8", "model.dcgan.ndf=8",
                  "model.dcgan.nz=16", f"train.grad_accum={args.accum}", f"train.d_steps={args.d_steps}",
                  f"train.batch_size={args.global_batch // (W * args.accum)}",
                  f"parallel.strategy={args.strategy}", f"parallel.fsdp.reshard_after_forward={args.reshard}",
