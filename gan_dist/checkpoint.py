@@ -227,6 +227,13 @@ def config_differences(saved: dict, current: dict, prefixes: Iterable[str]) -> l
     return [f"{k}: checkpoint {a.get(k)!r}, this run {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
 
 
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def check_compatible(trainer_state: dict, current_config: dict, strategy_name: str, world_size: int,
                      path: Path) -> list[str]:
     """Raise when the checkpoint cannot be used by this run; return warnings when it can but the
@@ -234,7 +241,11 @@ def check_compatible(trainer_state: dict, current_config: dict, strategy_name: s
     if trainer_state.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {str(path)!r} has format {trainer_state.get('format')!r}; "
                               f"this gan_dist reads format {FORMAT}")
-    diffs = config_differences(trainer_state["config"], current_config, MUST_MATCH)
+    from gan_dist.config import Config, to_dict, upgrade_layout
+
+    # a checkpoint of an older gan_dist: its config in today's layout, keys it predates at their defaults
+    saved_config = _merge(to_dict(Config()), upgrade_layout(trainer_state["config"]))
+    diffs = config_differences(saved_config, current_config, MUST_MATCH)
     if diffs:
         raise CheckpointError(f"checkpoint {str(path)!r} was written for a different model: "
                               + "; ".join(diffs) + ". Use the checkpoint's model settings, or another run.dir.")
@@ -243,7 +254,10 @@ def check_compatible(trainer_state: dict, current_config: dict, strategy_name: s
         raise CheckpointError(f"checkpoint {str(path)!r} was written by parallel.strategy={saved_strategy}; "
                               f"this run uses {strategy_name}: resume with parallel.strategy={saved_strategy}")
     warnings = [f"{d} (the resumed run will not repeat the original exactly)"
-                for d in config_differences(trainer_state["config"], current_config, SHOULD_MATCH)]
+                for d in config_differences(saved_config, current_config, SHOULD_MATCH)]
+    if "recipe" not in trainer_state:
+        warnings.append("the checkpoint predates latents drawn per sample index: the resumed run draws other "
+                        "latents than the original would have")
     if trainer_state["world_size"] != world_size:
         warnings.append(f"the checkpoint was written by {trainer_state['world_size']} processes, this run has "
                         f"{world_size}: per-rank RNG and data positions restart where they cannot be mapped")

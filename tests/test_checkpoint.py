@@ -257,3 +257,21 @@ def test_full_disk_during_a_save_keeps_latest_and_the_previous_checkpoint(tmp_pa
     r = train(run_dir, "train.steps=4", "train.ckpt_every=2")
     assert "resumed from" in r.stderr and "at step 2" in r.stderr
     assert step_of(latest(run_dir)) == 4
+
+
+def test_a_checkpoint_of_the_older_config_layout_is_read_in_todays_layout(tmp_path):
+    """Before model families had sections, DCGAN's settings were model.nz/ngf/ndf/norm and there
+    was no reg section: such a checkpoint fits a run with the same settings in today's keys."""
+    from gan_dist.checkpoint import check_compatible
+    from gan_dist.config import to_dict
+
+    cfg, _ = make()
+    old = to_dict(cfg)
+    old["model"].update(old["model"].pop("dcgan"))
+    del old["model"]["num_classes"], old["reg"]
+    state = {"format": FORMAT, "config": old, "strategy": "none", "world_size": 1}
+    warnings = check_compatible(state, to_dict(cfg), "none", 1, tmp_path)
+    assert any("latents" in w for w in warnings)
+    other, _ = make("model.dcgan.ngf=16")
+    with pytest.raises(CheckpointError, match=r"model\.dcgan\.ngf: checkpoint 8, this run 16"):
+        check_compatible(state, to_dict(other), "none", 1, tmp_path)
