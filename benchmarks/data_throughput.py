@@ -19,6 +19,7 @@ Writes JSON and a Markdown table (default: benchmarks/results/data_throughput.{j
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -92,11 +93,11 @@ def image_folder_copy(src: Path, out: Path, resolution: int, fmt: str) -> Path:
     return out
 
 
-def shards_copy(src: Path, out: Path, resolution: int, fmt: str, workers: int) -> Path:
+def shards_copy(src: Path, out: Path, resolution: int, fmt: str, workers: int, max_count: int = 256) -> Path:
     from gan_dist.data.writer import WriteOptions, write_folder
 
     if not (out / "manifest.json").exists():
-        write_folder(src, out, f"r{resolution}", WriteOptions(resolution, 3, fmt), max_count=256,
+        write_folder(src, out, f"r{resolution}", WriteOptions(resolution, 3, fmt), max_count=max_count,
                      workers=workers, progress=False)
     return out
 
@@ -166,8 +167,8 @@ def train_step_rate(seconds: float) -> dict[str, Any]:
     """Images/s of the DCGAN-64 training step of configs/dcgan_64.yaml on synthetic batches."""
     from gan_dist.config import load_config
     from gan_dist.distributed import DistInfo
-    from gan_dist.loop import train_step
-    from gan_dist.models import build_models
+    from gan_dist.build import setup_models
+    from gan_dist.loop import Batch, train_step
     from gan_dist.parallel import build_strategy
 
     cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "dcgan_64.yaml")
@@ -176,20 +177,20 @@ def train_step_rate(seconds: float) -> dict[str, Any]:
     info = DistInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, node_rank=0,
                     device=torch.device("cpu"), backend=None, launcher="python")
     strategy = build_strategy(info, cfg)
-    strategy.setup(*build_models(cfg.model, cfg.run.seed))
+    recipe, spec, _ = setup_models(strategy, cfg)
     t, m = cfg.train, cfg.model
     gen = torch.Generator().manual_seed(0)
     real = torch.rand(t.batch_size, m.channels, m.resolution, m.resolution, generator=gen) * 2 - 1
 
-    def batches() -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
-        return [[(real, torch.randn(t.batch_size, m.nz, generator=gen)) for _ in range(t.grad_accum)]
+    def batches() -> list[list[Batch]]:
+        return [[Batch(real, torch.randn(t.batch_size, spec.z_dim, generator=gen)) for _ in range(t.grad_accum)]
                 for _ in range(t.d_steps)]
 
     for _ in range(2):
-        train_step(strategy, batches(), t.loss)
+        train_step(strategy, recipe, batches())
     n, started = 0, time.perf_counter()
     while True:
-        train_step(strategy, batches(), t.loss)
+        train_step(strategy, recipe, batches())
         n += 1
         elapsed = time.perf_counter() - started
         if elapsed >= seconds and n >= 3:
@@ -197,7 +198,7 @@ def train_step_rate(seconds: float) -> dict[str, Any]:
     strategy.close()
     per_step = t.batch_size * t.grad_accum * t.d_steps
     out = {"config": "configs/dcgan_64.yaml", "batch_size": t.batch_size, "precision": t.precision,
-           "resolution": m.resolution, "channels": m.channels, "ngf": m.ngf, "ndf": m.ndf,
+           "resolution": m.resolution, "channels": m.channels, "ngf": m.dcgan.ngf, "ndf": m.dcgan.ndf,
            "data_num_workers": cfg.data.num_workers, "flip": cfg.data.flip,
            "threads": torch.get_num_threads(), "img_per_sec": per_step * n / elapsed}
     torch.set_num_threads(threads)
@@ -219,9 +220,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--no-image-folder", action="store_true", help="skip the ImageFolder baseline")
     p.add_argument("--no-train-step", action="store_true", help="skip timing the DCGAN-64 training step")
     p.add_argument("--workdir", help="where the images and shards go (default: a temporary directory)")
-    p.add_argument("--json", default=str(RESULTS / "data_throughput.json"))
-    p.add_argument("--md", default=str(RESULTS / "data_throughput.md"))
-    return p.parse_args(argv)
+    p.add_argument("--vs-webdataset", action="store_true",
+                   help="instead: gan_dist's reader against webdataset's pipeline and wids on the same shards "
+                        "(64 px png and raw; speed and properties)")
+    p.add_argument("--json", help="default: benchmarks/results/data_throughput.json "
+                                  "(--vs-webdataset: data_throughput.webdataset.json)")
+    p.add_argument("--md", help="default: the --json path with .md")
+    args = p.parse_args(argv)
+    stem = "data_throughput.webdataset" if args.vs_webdataset else "data_throughput"
+    args.json = args.json or str(RESULTS / f"{stem}.json")
+    args.md = args.md or str(Path(args.json).with_suffix(".md"))
+    return args
 
 
 def environment() -> dict[str, Any]:
@@ -253,6 +262,8 @@ def measure(reader: str, fmt: str, res: int, path: Path, workers: int, batch: in
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.vs_webdataset:
+        return compare_main(args)
     torch.set_num_threads(1)  # the measuring process only receives batches; workers decode
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="data-throughput-"))
     result: dict[str, Any] = {"env": environment(), "args": vars(args), "rows": []}
@@ -410,6 +421,525 @@ def write(result: dict[str, Any], json_path: Optional[str], md_path: Optional[st
         Path(md_path).parent.mkdir(parents=True, exist_ok=True)
         Path(md_path).write_text(text)
     print(text)
+
+
+# ---- gan_dist's reader against webdataset's own ----------------------------------------------------
+# The same shards read three ways, each delivering float batches in [-1, 1] to this process:
+# gan_dist's reader; webdataset.WebDataset split by node and worker with its decoder; and the
+# indexed ShardListDataset of `wids` (shipped with webdataset up to 0.2.x, a package of its own
+# since: webdataset 1.0.2 has none) with its chunked sampler. Speed is timed in rounds over all
+# settings; the properties are tried on 2 simulated ranks x 2 workers in this process.
+CMP_RES = 64
+CMP_SHARD = 256  # samples per shard: the last one is short, so the shards are uneven
+
+
+def _u8_to_float(x: torch.Tensor) -> torch.Tensor:
+    return x.float().div_(127.5).sub_(1.0)
+
+
+def _chw(img: Any) -> torch.Tensor:
+    """A decoded image (numpy HWC from .npy, or webdataset's torch CHW) as uint8 CHW."""
+    if isinstance(img, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
+    return img
+
+
+def _collate(samples: list[tuple[str, torch.Tensor]]) -> tuple[list[str], torch.Tensor]:
+    return [k for k, _ in samples], torch.stack([x for _, x in samples])
+
+
+def wds_dataset(urls: Sequence[str], fmt: str, batch: int, seed: int = 0, handler: Any = None,
+                partial: bool = False) -> Any:
+    """WebDataset the way its documentation sets up multi-node training: shards split by node
+    (RANK/WORLD_SIZE) and by loader worker, shuffled shards and samples, decoded in the workers."""
+    import webdataset as wds
+
+    ds = wds.WebDataset(list(urls), shardshuffle=len(urls), detshuffle=True, seed=seed,
+                        nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker,
+                        handler=handler or wds.reraise_exception, empty_check=False)
+    ext = "npy" if fmt == "raw" else "png"
+    return (ds.shuffle(1000, seed=seed).decode("torchrgb8", handler=handler or wds.reraise_exception)
+            .to_tuple("__key__", ext).map_tuple(lambda k: k, _chw).batched(batch, collation_fn=_collate, partial=partial))
+
+
+def wds_batches(urls: Sequence[str], fmt: str, workers: int, batch: int, seed: int = 0,
+                handler: Any = None) -> Iterator[tuple[list[str], torch.Tensor]]:
+    """One rank's (keys, float images) batches; endless over epochs."""
+    loader = torch.utils.data.DataLoader(wds_dataset(urls, fmt, batch, seed, handler), batch_size=None,
+                                         num_workers=workers, persistent_workers=workers > 0)
+    while True:
+        empty = True
+        for keys, images in loader:
+            empty = False
+            yield keys, _u8_to_float(images)
+        if empty:
+            return
+
+
+def wids_available() -> Optional[str]:
+    """The installed wids version, or None."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("wids")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _wids_decode(fmt: str) -> Callable[[dict], tuple[str, torch.Tensor]]:
+    """wids's own decoder (images to numpy HWC, .npy loaded), then uint8 CHW."""
+    from wids.wids_decode import default_decoder
+
+    ext = ".npy" if fmt == "raw" else ".png"
+
+    def decode(sample: dict) -> tuple[str, torch.Tensor]:
+        return sample["__key__"], _chw(default_decoder(sample, format="numpy")[ext])
+    return decode
+
+
+def wids_dataset(urls: Sequence[str], counts: Sequence[int], fmt: str, cache: Path) -> Any:
+    import wids
+
+    shards = [{"url": u, "nsamples": n} for u, n in zip(urls, counts)]
+    # wids copies each shard into its cache under the shard's file name alone: one folder per
+    # shard folder, or r64-000000.tar of the png shards would be read for the raw ones
+    folder = cache / hashlib.sha1(str(Path(urls[0]).parent).encode()).hexdigest()[:12]
+    return wids.ShardListDataset(shards, cache_dir=str(folder), transformations=[_wids_decode(fmt)])
+
+
+def wids_sampler(ds: Any, rank: int, world_size: int, seed: int = 0, skip: int = 0) -> Any:
+    """DistributedChunkedSampler's split (rank r reads [r * ceil(N/W), ...)) without a process
+    group, shuffled within chunks of a shard; `skip` drops the first indices (a resume)."""
+    import wids
+
+    n = len(ds)
+    chunk = (n + world_size - 1) // world_size
+    sampler = wids.ChunkedSampler(ds, num_samples=(rank * chunk, min(rank * chunk + chunk, n)),
+                                  chunksize=CMP_SHARD, seed=seed, shuffle=True, shufflefirst=True)
+    if not skip:
+        return sampler
+
+    class Skipping(torch.utils.data.Sampler):
+        def __iter__(self) -> Iterator[int]:
+            it = iter(sampler)
+            for _ in range(skip):
+                next(it)
+            yield from it
+
+        def __len__(self) -> int:
+            return len(sampler) - skip
+    return Skipping()
+
+
+def wids_batches(ds: Any, workers: int, batch: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 skip: int = 0, epochs: Optional[int] = None,
+                 drop_last: bool = True) -> Iterator[tuple[list[str], torch.Tensor]]:
+    sampler = wids_sampler(ds, rank, world_size, seed, skip)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers,
+                                         collate_fn=_collate, drop_last=drop_last, persistent_workers=workers > 0)
+    epoch = 0
+    while epochs is None or epoch < epochs:
+        for keys, images in loader:
+            yield keys, _u8_to_float(images)
+        epoch += 1
+
+
+def ours_loader(shard_dir: Path, workers: int, batch: int, rank: int = 0, world_size: int = 1) -> Any:
+    from gan_dist.config import DataConfig
+    from gan_dist.data import build_loader, resolve_shards
+
+    cfg = DataConfig(urls=str(shard_dir), num_workers=workers)
+    shards = resolve_shards(cfg, need_counts=True, log=lambda m: None)
+    return build_loader(shards, cfg, 3, CMP_RES, batch, 0, rank, world_size, torch.device("cpu"), log=lambda m: None)
+
+
+class _Rank:
+    """RANK/WORLD_SIZE for webdataset's split_by_node while its loader workers start."""
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        self.env = {"RANK": str(rank), "WORLD_SIZE": str(world_size)}
+
+    def __enter__(self) -> None:
+        self.saved = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+
+    def __exit__(self, *exc: Any) -> None:
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def compare_speed(reader: str, fmt: str, path: Path, workers: int, batch: int, seconds: float,
+                  cache: Path) -> float:
+    if reader == "gan_dist":
+        loader = ours_loader(path, workers, batch)
+        try:
+            return rate(loader, seconds)[0]
+        finally:
+            loader.close()
+    urls, counts = _urls_counts(path)
+    if reader == "webdataset":
+        it = wds_batches(urls, fmt, workers, batch)
+    else:
+        it = wids_batches(wids_dataset(urls, counts, fmt, cache), workers, batch)
+    try:
+        return rate((x for _, x in it), seconds)[0]
+    finally:
+        it.close()
+
+
+def _urls_counts(path: Path) -> tuple[list[str], list[int]]:
+    from gan_dist.data.manifest import read_manifest
+
+    m = read_manifest(path / "manifest.json")
+    return m["urls"], m["counts"]
+
+
+def property_epoch(path: Path, reader: str, batch: int, cache: Path) -> dict[str, Any]:
+    """One epoch on 2 ranks x 2 workers: samples and batches each rank got, repeats, misses.
+    The others keep partial batches here, so that what is missing is the split's doing."""
+    urls, counts = _urls_counts(path)
+    world, workers = 2, 2
+    keys: list[list[str]] = []
+    batches: list[int] = []
+    for rank in range(world):
+        got: list[list[str]] = []
+        if reader == "gan_dist":
+            loader = ours_loader(path, workers, batch, rank, world)
+            for _ in range(loader.spec.batches_per_epoch * loader.spec.workers):
+                b = loader.next_batch()
+                got.append([k for k, pad in zip(b.keys, b.padded.tolist()) if not pad])
+            loader.close()
+        elif reader == "webdataset":
+            with _Rank(rank, world):  # what split_by_node reads
+                loader = torch.utils.data.DataLoader(wds_dataset(urls, "png", batch, partial=True),
+                                                     batch_size=None, num_workers=workers)
+                got = [k for k, _ in loader]
+        else:
+            ds = wids_dataset(urls, counts, "png", cache)
+            got = [k for k, _ in wids_batches(ds, workers, batch, rank, world, epochs=1, drop_last=False)]
+        keys.append([k for b in got for k in b])
+        batches.append(len(got))
+    every = [k for rank_keys in keys for k in rank_keys]
+    total = sum(counts)
+    missing = total - len(set(every))
+    repeated = len(every) - len(set(every))
+    per_rank = [len(k) for k in keys]
+    return {"samples": total, "per_rank_samples": per_rank, "batches_per_rank": batches,
+            "missing": missing, "repeated": repeated, "once": missing == 0 and repeated == 0,
+            "equal_per_rank": len(set(per_rank)) == 1 and len(set(batches)) == 1}
+
+
+def property_resume(path: Path, reader: str, batch: int, cache: Path, k: int = 5, m: int = 4) -> dict[str, Any]:
+    """Interrupted after k batches, continued for m: bitwise the batches k..k+m of an unbroken run?
+    gan_dist restores a saved position; the others are restarted with the same seed and skip
+    what was consumed (wids: sampler indices, nothing read; webdataset: k batches read again)."""
+    urls, counts = _urls_counts(path)
+    workers = 2
+    if reader == "gan_dist":
+        a = ours_loader(path, workers, batch)
+        ref = [a.next_batch().images for _ in range(k + m)]
+        b = ours_loader(path, workers, batch)
+        for _ in range(k):
+            b.next_batch()
+        state = b.state_dict()
+        b.close()
+        c = ours_loader(path, workers, batch)
+        started = time.perf_counter()
+        c.load_state_dict(state)
+        got = [c.next_batch().images for _ in range(m)]
+        first = time.perf_counter() - started
+        a.close()
+        c.close()
+        how = "loader.state_dict() / load_state_dict() (checkpointed with the run)"
+    elif reader == "webdataset":
+        ref = [x for _, (_, x) in zip(range(k + m), wds_batches(urls, "png", workers, batch))]
+        started = time.perf_counter()
+        it = wds_batches(urls, "png", workers, batch)
+        for _ in range(k):
+            next(it)  # no position to restore: read and decode again, then continue
+        got = [next(it)[1] for _ in range(m)]
+        first = time.perf_counter() - started
+        it.close()
+        how = "none offered; restart with the same seed and read k batches again"
+    else:
+        ds = wids_dataset(urls, counts, "png", cache)
+        ref = [x for _, (_, x) in zip(range(k + m), wids_batches(ds, workers, batch))]
+        started = time.perf_counter()
+        it = wids_batches(ds, workers, batch, skip=k * batch)
+        got = [next(it)[1] for _ in range(m)]
+        first = time.perf_counter() - started
+        it.close()
+        how = "none offered; a sampler that skips the first k * batch indices (user code)"
+    equal = all(torch.equal(x, y) for x, y in zip(ref[k:], got)) and len(got) == m
+    return {"bitwise": equal, "how": how, "seconds_to_continue": round(first, 2)}
+
+
+def _damaged_copy(path: Path, out: Path) -> tuple[Path, int]:
+    """The png shards with one corrupt image (cut in half) and the last shard cut short;
+    returns (folder, samples lost by the damage as our tar reader sees it)."""
+    from gan_dist.data.index import count_shard
+
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(path, out)  # with the manifest: its sizes and counts no longer match
+    urls, _ = _urls_counts(path)
+    first = out / Path(urls[0]).name
+    _cut_member(first, index=3)
+    last = out / Path(urls[-1]).name
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 2])
+    n, _ = count_shard(str(last))
+    return out, _count_of(path, urls[-1]) - n
+
+
+def _count_of(path: Path, url: str) -> int:
+    urls, counts = _urls_counts(path)
+    return counts[urls.index(url)]
+
+
+def _cut_member(shard: Path, index: int) -> None:
+    """Rewrite `shard` with the image of sample `index` cut to half its bytes (still a valid tar)."""
+    import io
+    import tarfile
+
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]  # type: ignore[union-attr]
+    images = [i for i, (m, _) in enumerate(members) if m.name.endswith(".png")]
+    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for i, (m, data) in enumerate(members):
+            if i == images[index]:
+                data = data[: len(data) // 2]
+            m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+
+
+def property_damage(path: Path, reader: str, batch: int, cache: Path, work: Path) -> dict[str, Any]:
+    """One epoch over shards with a corrupt image and a truncated shard: does the run go on with
+    the default settings, and does the reader say how many samples it lost, and where?"""
+    from gan_dist.data.index import count_shard
+
+    damaged, lost = _damaged_copy(path, work / "damaged-png-64")
+    urls = sorted(str(p) for p in damaged.glob("*.tar"))
+    out: dict[str, Any] = {"cut_off": lost}
+    if reader == "gan_dist":
+        from gan_dist.config import DataConfig
+        from gan_dist.data import build_loader, resolve_shards
+
+        cfg = DataConfig(urls=str(damaged), num_workers=1)
+        warned: list[str] = []
+        loader = build_loader(resolve_shards(cfg, need_counts=True, log=warned.append), cfg, 3, CMP_RES, batch, 0, 0,
+                              1, torch.device("cpu"), log=lambda m: None)
+        for _ in range(loader.spec.batches_per_epoch):
+            loader.next_batch()
+        st = loader.stats()
+        loader.close()
+        out.update(goes_on=True, counted=st["skipped"], by_reason=st["by_reason"],
+                   warnings=[w for w in warned if "warning" in w])
+        return out
+    try:
+        if reader == "webdataset":
+            n = sum(len(k) for k, _ in _one_epoch(wds_dataset(urls, "png", batch, partial=True)))
+        else:
+            counts = [count_shard(u)[0] for u in urls]
+            n = sum(len(k) for k, _ in wids_batches(wids_dataset(urls, counts, "png", cache), 1, batch, epochs=1,
+                                                    drop_last=False))
+        out.update(goes_on=True, delivered=n)
+    except Exception as exc:  # noqa: BLE001 - what the default settings do is the finding
+        text = (str(exc).splitlines() or [""])[0][:100]
+        out.update(goes_on=False, default_error=f"{type(exc).__name__}{': ' + text if text else ''}")
+    if reader == "webdataset":
+        seen: list[str] = []
+
+        def skip(exc: Exception) -> bool:  # wds.warn_and_continue, counting what it skips
+            seen.append(type(exc).__name__)
+            return True
+        n = sum(len(k) for k, _ in _one_epoch(wds_dataset(urls, "png", batch, handler=skip, partial=True)))
+        out["with_handler"] = (f"with handler=warn_and_continue it goes on ({n} delivered) and counts nothing; a "
+                               f"handler of one's own sees {len(seen)} exceptions ({', '.join(sorted(set(seen)))}), "
+                               "without the shard")
+    else:
+        out["with_handler"] = "no handler option (a dataset wrapper of one's own)"
+    return out
+
+
+def _one_epoch(ds: Any) -> Iterator[Any]:
+    yield from torch.utils.data.DataLoader(ds, batch_size=None, num_workers=0)
+
+
+def property_code(path: Path, reader: str, work: Path, cache: Path) -> dict[str, Any]:
+    """A shard from elsewhere whose first sample has one more member, `.pkl`: a pickle that
+    creates a file when loaded. Does reading the images run it?"""
+    import pickle
+
+    marker = work / f"pickle-ran-{reader}"
+    marker.unlink(missing_ok=True)
+    folder = work / f"pickled-{reader}"
+    folder.mkdir(exist_ok=True)
+    urls, counts = _urls_counts(path)
+    shard = folder / "other-000000.tar"
+    shutil.copyfile(urls[0], shard)
+
+    class Payload:
+        def __reduce__(self) -> tuple:
+            return (open, (str(marker), "w"))
+
+    _insert_member(shard, "pkl", pickle.dumps(Payload()))
+    if reader == "gan_dist":
+        from gan_dist.config import DataConfig
+        from gan_dist.data import build_loader, resolve_shards
+
+        cfg = DataConfig(urls=str(shard), num_workers=0)
+        loader = build_loader(resolve_shards(cfg, need_counts=True, log=lambda m: None), cfg, 3, CMP_RES, 8, 0, 0, 1,
+                              torch.device("cpu"), log=lambda m: None)
+        for _ in range(loader.spec.batches_per_epoch):  # the whole shard
+            loader.next_batch()
+        loader.close()
+    elif reader == "webdataset":
+        for _ in _one_epoch(wds_dataset([str(shard)], "png", 8, partial=True)):
+            pass
+    else:
+        for _ in wids_batches(wids_dataset([str(shard)], counts[:1], "png", cache), 0, 8, epochs=1, drop_last=False):
+            pass
+    ran = marker.exists()
+    marker.unlink(missing_ok=True)
+    return {"runs_code": ran}
+
+
+def _insert_member(shard: Path, ext: str, data: bytes) -> None:
+    """Add `{key}.{ext}` to the first sample of `shard`, right after its members."""
+    import io
+    import tarfile
+
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]  # type: ignore[union-attr]
+    key = members[0][0].name.split(".")[0]
+    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:
+        added = False
+        for i, (m, blob) in enumerate(members):
+            tar.addfile(m, io.BytesIO(blob))
+            following = members[i + 1][0].name.split(".")[0] if i + 1 < len(members) else None
+            if not added and following != key:
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+                added = True
+
+
+def compare_main(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="data-vs-wds-"))
+    cache = work / "wids-cache"
+    have_wids = wids_available()
+    readers = ["gan_dist", "webdataset"] + (["wids"] if have_wids else [])
+    result: dict[str, Any] = {"env": environment(), "args": vars(args), "wids": have_wids, "rows": [],
+                              "properties": {}}
+    result["env"]["versions"]["wids"] = have_wids
+    src = make_sources(work, args.images)
+    cores = os.cpu_count() or 1
+    paths = {fmt: shards_copy(src, work / f"cmp-{fmt}-{CMP_RES}", CMP_RES, fmt, cores, max_count=CMP_SHARD)
+             for fmt in args.formats}
+    settings = [(r, f, w) for f in args.formats for w in args.workers for r in readers]
+    runs: dict[tuple, list[float]] = {s: [] for s in settings}
+    for round_ in range(args.repeats):
+        for st in settings:
+            value = compare_speed(st[0], st[1], paths[st[1]], st[2], args.batch_size, args.seconds, cache)
+            runs[st].append(round(value, 1))
+            print(f"round {round_ + 1}: {st[0]:10s} {st[1]:4s} {st[2]} worker(s): {value:9.1f} img/s", file=sys.stderr)
+    for (reader, fmt, w), values in runs.items():
+        result["rows"].append({"reader": reader, "format": fmt, "resolution": CMP_RES, "workers": w,
+                               "batch_size": args.batch_size, "img_per_sec": max(values),
+                               "median": float(np.median(values)), "runs": values})
+    png = paths.get("png") or shards_copy(src, work / f"cmp-png-{CMP_RES}", CMP_RES, "png", cores,
+                                           max_count=CMP_SHARD)
+    for reader in readers:
+        props = {"epoch": property_epoch(png, reader, args.batch_size, cache),
+                 "resume": property_resume(png, reader, args.batch_size, cache),
+                 "damage": property_damage(png, reader, args.batch_size, cache, work),
+                 "pickle": property_code(png, reader, work, cache)}
+        result["properties"][reader] = props
+        print(f"properties {reader}: {json.dumps(props)}", file=sys.stderr)
+    result["env"]["loadavg_end"] = list(os.getloadavg())
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    text = compare_markdown(result)
+    Path(args.md).write_text(text)
+    print(text)
+    return result
+
+
+def compare_markdown(result: dict[str, Any]) -> str:
+    rows, env, a, props = result["rows"], result["env"], result["args"], result["properties"]
+    readers = list(props)
+    workers = sorted({r["workers"] for r in rows})
+    label = {"gan_dist": "gan_dist reader", "webdataset": "webdataset.WebDataset",
+             "wids": f"wids.ShardListDataset ({result['wids']})"}
+    lines = [
+        "# gan_dist's shard reader against webdataset's",
+        "",
+        f"The same {a['images']} images as {CMP_RES} px shards of {CMP_SHARD} samples, read into float batches "
+        f"of {a['batch_size']} in [-1, 1] in the measuring process, on {env['machine']} with {env['cpus']} CPUs "
+        f"({env['date']}; webdataset {env['versions']['webdataset']}, wids {result['wids'] or 'not installed'}, "
+        f"torch {env['versions']['torch']}). Images/s: best (median) of {a['repeats']} rounds of {a['seconds']} s "
+        f"runs, rounds over all settings; load average {env['loadavg_start'][0]:.1f} at the start, "
+        f"{env['loadavg_end'][0]:.1f} at the end (a shared machine: compare within the table). webdataset: "
+        "`WebDataset(urls, shardshuffle, nodesplitter=split_by_node, workersplitter=split_by_worker)"
+        ".shuffle(1000).decode(\"torchrgb8\").to_tuple(...).batched(B)` in a DataLoader; wids: "
+        "`ShardListDataset` with its decoders and a `ChunkedSampler` split as `DistributedChunkedSampler` "
+        "splits. webdataset 1.0.2 ships no wids: it is the separate `wids` package. Produced by:",
+        "",
+        "    python benchmarks/data_throughput.py --vs-webdataset --images 3000 --formats png raw --workers 1 2",
+        "",
+        "| format | reader | " + " | ".join(f"{w} worker{'s' if w > 1 else ''}" for w in workers) + " |",
+        "|---|---|" + "---:|" * len(workers),
+    ]
+    for fmt in ("png", "raw"):
+        for reader in readers:
+            cells = []
+            for w in workers:
+                r = next((r for r in rows if (r["reader"], r["format"], r["workers"]) == (reader, fmt, w)), None)
+                cells.append(f"{r['img_per_sec']:,.0f} ({r['median']:,.0f})" if r else "-")
+            if any(c != "-" for c in cells):
+                lines.append(f"| {fmt} | {label[reader]} | " + " | ".join(cells) + " |")
+    lines += ["", "Properties (png shards; 2 ranks x 2 workers simulated in one process):", "",
+              "| property | " + " | ".join(label[r] for r in readers) + " |",
+              "|---|" + "---|" * len(readers)]
+
+    def epoch_cell(p: dict[str, Any]) -> str:
+        e = p["epoch"]
+        return (f"once: {'yes' if e['once'] else 'no'} ({e['missing']} missing, {e['repeated']} repeated); "
+                f"equal on every rank: {'yes' if e['equal_per_rank'] else 'no'} (samples {e['per_rank_samples']}, "
+                f"batches {e['batches_per_rank']})")
+
+    def resume_cell(p: dict[str, Any]) -> str:
+        r = p["resume"]
+        return f"{'yes' if r['bitwise'] else 'no'} ({r['how']}; {r['seconds_to_continue']} s to the next batches)"
+
+    def damage_cell(p: dict[str, Any]) -> str:
+        d = p["damage"]
+        if "counted" in d:
+            return (f"goes on; counts by reason and shard ({', '.join(f'{k} {v}' for k, v in d['by_reason'].items())}); "
+                    f"at the start {len(d['warnings'])} warnings name the cut shard, that it no longer matches "
+                    "its manifest and how many of its samples are used")
+        first = f"goes on ({d['delivered']} delivered), counts nothing" if d["goes_on"] else (
+            f"stops: {d['default_error']}")
+        return f"default: {first}; {d['with_handler']}"
+
+    def code_cell(p: dict[str, Any]) -> str:
+        return "yes: a .pkl member was unpickled" if p["pickle"]["runs_code"] else "no"
+
+    for name, fn in (("one epoch on uneven shards: each sample once; the same samples and batches on every "
+                      "rank (DDP needs equal batch counts)", epoch_cell),
+                     ("bitwise resume from a position", resume_cell),
+                     ("a corrupt image and a shard cut short (half its samples): the run goes on and says "
+                      "what it lost", damage_cell),
+                     ("reading images from a shard from elsewhere runs code", code_cell)):
+        lines.append(f"| {name} | " + " | ".join(fn(props[r]) for r in readers) + " |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
