@@ -20,6 +20,8 @@ MASK = (1 << 64) - 1
 
 # streams: one per kind of draw, so that adding a draw never changes another one's numbers
 Z, FAKE_LABELS = 1, 2
+# StyleGAN2: one seed per sample, from which its style mixing, noise inputs and path-length draws derive
+STYLEGAN2 = 3
 
 
 def mix(*values: int) -> int:

@@ -7,10 +7,13 @@ from typing import Any, Callable
 from torch import nn
 
 from gan_dist.models import dcgan
+from gan_dist.models import stylegan2
 from gan_dist.models import r3gan
 from gan_dist.models.spec import ModelSpec
 
 FAMILIES: dict[str, Callable[[Any], ModelSpec]] = {"dcgan": dcgan.spec, "r3gan": r3gan.spec}
+
+FAMILIES["stylegan2"] = stylegan2.spec
 
 
 def model_spec(model_cfg: Any) -> ModelSpec:

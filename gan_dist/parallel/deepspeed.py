@@ -243,7 +243,8 @@ class DeepSpeedStrategy(Strategy):
         # A penalty's inner backward (autograd.grad) must not run the engine's backward hooks,
         # which reduce as if it were the update's backward: the phase calls the bare module,
         # and `backward` below runs the engine's one backward (and reduction) explicitly.
-        self._bare = other if trained == "G" else (trained if double_backward else None)
+        # (A G phase with a penalty on G, StyleGAN2's path length, calls no D: G is the bare one.)
+        self._bare = trained if double_backward else (other if trained == "G" else None)
         try:
             with super().phase(trained, sync):
                 yield

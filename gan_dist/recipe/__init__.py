@@ -28,11 +28,13 @@ class Phase:
     terms: tuple[str, ...]  # "adv" and/or penalties ("r1", "r2")
     every: int = 1  # due at the steps (0-based) divisible by this
     weight: float = 1.0  # multiplies the penalty terms: the interval, for lazy regularisation
+    # a family's own term that differentiates an input gradient of the trained model (path length)
+    second_order: bool = False
 
     @property
     def double_backward(self) -> bool:
-        """Whether the phase differentiates D's input gradient (a penalty)."""
-        return any(t in PENALTIES for t in self.terms)
+        """Whether the phase differentiates an input gradient of the model it trains (a penalty)."""
+        return self.second_order or any(t in PENALTIES for t in self.terms)
 
     def due(self, step: int) -> bool:
         return step % self.every == 0

@@ -29,6 +29,11 @@ from tests.workers.batches import rank_batches
 
 REDUCING = ("all_reduce", "reduce", "reduce_scatter", "reduce_scatter_tensor", "reduce_scatter_single",
             "_reduce_scatter_base", "all_reduce_coalesced", "reduce_scatter_tensor_coalesced")
+# StyleGAN2 at 32x32, 1 channel, at most 16 feature maps, 2 mapping layers (tests/test_stylegan2.py)
+STYLEGAN2_TINY = ["model.resolution=32", "model.channels=1", "model.stylegan2.preset=none",
+                  "model.stylegan2.channel_base=256", "model.stylegan2.channel_max=16",
+                  "model.stylegan2.mapping_layers=2", "model.stylegan2.mbstd_group=4",
+                  "model.stylegan2.conv_clamp=256", "model.stylegan2.z_dim=16", "model.stylegan2.w_dim=16"]
 OTHER = ("all_gather", "all_gather_into_tensor", "all_gather_single", "_all_gather_base",
          "all_gather_coalesced", "all_gather_into_tensor_coalesced", "broadcast", "scatter", "gather",
          "all_to_all", "all_to_all_single", "all_gather_object", "broadcast_object_list", "barrier")
@@ -165,6 +170,10 @@ def main() -> None:
     p.add_argument("--r2", type=float, default=0.0, help="reg.r2_gamma")
     p.add_argument("--d-every", type=int, default=1, help="reg.d_every")
     p.add_argument("--matmul-conv", default="auto")
+    p.add_argument("--model", choices=["dcgan", "stylegan2"], default="dcgan",
+                   help="stylegan2: tiny widths, style mixing and noise drawn per sample, lazy path length")
+    p.add_argument("--pl-every", type=int, default=2, help="model.stylegan2.pl_every")
+    p.add_argument("--pl-weight", type=float, default=2.0, help="model.stylegan2.pl_weight (0: no Greg)")
     p.add_argument("--count-iter", type=int, default=-1, help="log the collectives of this iteration")
     p.add_argument("--save-at", type=int, default=0, help="save a checkpoint after this many iterations")
     p.add_argument("--ckpt", default=None, help="checkpoint directory to save into (or load from)")
@@ -181,6 +190,9 @@ def main() -> None:
                  f"parallel.strategy={args.strategy}", f"parallel.fsdp.reshard_after_forward={args.reshard}",
                  f"train.loss={args.loss}", f"reg.r1_gamma={args.r1}", f"reg.r2_gamma={args.r2}",
                  f"reg.d_every={args.d_every}", f"train.matmul_conv={args.matmul_conv}"]
+    if args.model == "stylegan2":
+        overrides += ["model.arch=stylegan2", *STYLEGAN2_TINY, f"model.stylegan2.pl_every={args.pl_every}",
+                      f"model.stylegan2.pl_weight={args.pl_weight}"]
     if args.zero_stage is not None:
         overrides.append(f"parallel.deepspeed.zero_stage={args.zero_stage}")
     if args.ds_config is not None:
@@ -188,7 +200,7 @@ def main() -> None:
     cfg = load_config(None, overrides)
     strategy = build_strategy(info, cfg)
     sgd = (lambda name, params, **kw: torch.optim.SGD(params, lr=0.5)) if args.optim == "sgd" else None
-    recipe, _, _ = setup_models(strategy, cfg, seed=3, make_optimizer=sgd)
+    recipe, spec, _ = setup_models(strategy, cfg, seed=3, make_optimizer=sgd)
     if args.break_freeze:
         from gan_dist.parallel.base import Strategy
 
@@ -212,7 +224,11 @@ def main() -> None:
         first = args.save_at
     d_grads_in_g_phase = []
     for it in range(args.iters):
-        batches = rank_batches(gen, args.global_batch, args.d_steps, args.accum, r, W, cfg.model.dcgan.nz)
+        batches = rank_batches(gen, args.global_batch, args.d_steps, args.accum, r, W, spec.z_dim)
+        for j, micro in enumerate(batches):  # G's other per-sample inputs, by global sample index
+            for m, b in enumerate(micro):
+                lo = (it * args.d_steps + j) * args.global_batch + (r * args.accum + m) * len(b.z)
+                b.g_inputs = spec.draw_g_inputs(cfg.run.seed, range(lo, lo + len(b.z)), b.z.device)
         if it < first:
             continue  # the resumed run skips the batches the saved run already used
         log.active = it == args.count_iter

@@ -1,0 +1,433 @@
+"""StyleGAN2 networks (Karras et al. 2020, config F) in plain PyTorch.
+
+The architecture follows stylegan2-ada-pytorch's `training/networks.py` (same layers, same
+parameter shapes, same equalised-learning-rate gains) with its reference (non-CUDA) operations
+written out here: bias + activation + gain + clamp, and [1,3,3,1] FIR resampling as grouped
+convolutions. Every operation is differentiable twice (R1 and path length).
+
+Deliberate differences (docs/models.md):
+- modulated convolutions always scale the activations instead of the weights (the reference's
+  `fused_modconv=False`, what it trains with): one convolution for the whole batch;
+- the minibatch standard deviation groups consecutive samples, so that a group never spans two
+  ranks and N ranks with batch b compute what one process with batch N*b computes;
+- noise inputs can be given as one integer seed per sample (`noise_seeds`), so that the noise of
+  a sample is a function of its seed only, whatever the rank or batch it is drawn in;
+- the tracked average of w is the mean over every rank's batch (one all-reduce of w_dim numbers
+  per G forward in training mode, when a process group is up).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gan_dist import rng
+
+SQRT2 = math.sqrt(2.0)
+SQRT_HALF = math.sqrt(0.5)
+FIR = (1.0, 3.0, 3.0, 1.0)
+
+
+def channels_at(res: int, channel_base: int, channel_max: int) -> int:
+    """Feature maps at resolution `res` (the reference's channels_dict)."""
+    return min(channel_base // res, channel_max)
+
+
+def bias_act(x: torch.Tensor, b: Optional[torch.Tensor], lrelu: bool, gain: float = 1.0,
+             clamp: Optional[float] = None) -> torch.Tensor:
+    """x + b, then leaky ReLU (slope 0.2, gain sqrt 2) or linear, times `gain`, clamped to +-clamp."""
+    if b is not None:
+        x = x + b.to(x.dtype).reshape(1, -1, *([1] * (x.dim() - 2)))
+    if lrelu:
+        x = F.leaky_relu(x, 0.2)
+        gain = gain * SQRT2
+    if gain != 1:
+        x = x * gain
+    if clamp is not None:
+        x = x.clamp(-clamp, clamp)
+    return x
+
+
+def normalize_2nd_moment(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    return x * (x.square().mean(dim=1, keepdim=True) + eps).rsqrt()
+
+
+class FIRFilter(nn.Module):
+    """The normalised 2-D [1,3,3,1] low-pass filter, applied to every channel alike.
+
+    Resampling runs on a (N*C, 1, H, W) view with one single-channel kernel, which is how the
+    reference's `upfirdn2d` fallback works too. Modes (with the reference's paddings):
+    `up2`: zero insertion and the filter with gain 4 (as a stride-2 transposed convolution);
+    `pad(p)`: the filter with p pixels of zero padding per side, no resampling;
+    `down2`: the filter with 1 pixel of padding, every second pixel kept."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        f = torch.tensor(FIR)
+        f = torch.outer(f, f)
+        self.register_buffer("kernel", (f / f.sum())[None, None], persistent=False)
+
+    def _per_channel(self, x: torch.Tensor, fn) -> torch.Tensor:
+        N, C, H, W = x.shape
+        y = fn(x.reshape(N * C, 1, H, W), self.kernel.to(x.dtype))
+        return y.reshape(N, C, *y.shape[2:])
+
+    def up2(self, x: torch.Tensor) -> torch.Tensor:
+        return self._per_channel(x, lambda v, k: F.conv_transpose2d(v, k * 4, stride=2, padding=1))
+
+    def pad(self, x: torch.Tensor, p: int) -> torch.Tensor:
+        return self._per_channel(x, lambda v, k: F.conv2d(v, k, padding=p))
+
+    def down2(self, x: torch.Tensor) -> torch.Tensor:
+        return self._per_channel(x, lambda v, k: F.conv2d(v, k, stride=2, padding=1))
+
+
+class FullyConnected(nn.Module):
+    """Equalised-lr linear layer: weights drawn N(0, 1/lr_mult^2), used times lr_mult/sqrt(in)."""
+
+    def __init__(self, in_features: int, out_features: int, lrelu: bool = False, lr_mult: float = 1.0,
+                 bias_init: float = 0.0) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features))
+        self.lrelu, self.lr_mult, self.bias_init = lrelu, lr_mult, bias_init
+        self.weight_gain = lr_mult / math.sqrt(in_features)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.weight.normal_().div_(self.lr_mult)
+            self.bias.fill_(self.bias_init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.to(x.dtype) * self.weight_gain
+        b = self.bias.to(x.dtype) * self.lr_mult
+        if not self.lrelu:
+            return torch.addmm(b.unsqueeze(0), x, w.t())
+        return bias_act(x.matmul(w.t()), b, lrelu=True)
+
+
+class MappingNetwork(nn.Module):
+    """z (normalised) -> w through `num_layers` FC layers with lr multiplier `lr_mult`; tracks the
+    average w (for truncation) with decay `w_avg_beta` in training mode."""
+
+    def __init__(self, z_dim: int, w_dim: int, num_ws: int, num_layers: int = 8, lr_mult: float = 0.01,
+                 w_avg_beta: float = 0.995) -> None:
+        super().__init__()
+        self.z_dim, self.w_dim, self.num_ws, self.w_avg_beta = z_dim, w_dim, num_ws, w_avg_beta
+        features = [z_dim] + [w_dim] * num_layers
+        self.layers = nn.ModuleList(FullyConnected(features[i], features[i + 1], lrelu=True, lr_mult=lr_mult)
+                                    for i in range(num_layers))
+        self.register_buffer("w_avg", torch.zeros(w_dim))
+        # the average over every rank's batch: one all-reduce of w_dim numbers per training forward
+        self.sync_w_avg = True
+
+    def forward(self, z: torch.Tensor, truncation_psi: float = 1.0, truncation_cutoff: Optional[int] = None,
+                update_w_avg: bool = True) -> torch.Tensor:
+        x = normalize_2nd_moment(z.to(self.layers[0].weight.dtype))
+        for layer in self.layers:
+            x = layer(x)
+        if update_w_avg and self.training and self.w_avg_beta is not None:
+            with torch.no_grad():
+                mean = x.detach().float().mean(dim=0)
+                if self.sync_w_avg:
+                    from gan_dist.distributed import all_reduce_mean
+                    mean = all_reduce_mean(mean)
+                self.w_avg.copy_(mean.lerp(self.w_avg.float(), self.w_avg_beta))
+        x = x.unsqueeze(1).repeat(1, self.num_ws, 1)
+        if truncation_psi != 1:
+            avg = self.w_avg.to(x.dtype)
+            cut = self.num_ws if truncation_cutoff is None else truncation_cutoff
+            x = torch.cat([avg.lerp(x[:, :cut], truncation_psi), x[:, cut:]], dim=1)
+        return x
+
+
+class SynthesisLayer(nn.Module):
+    """Modulated 3x3 convolution with weight demodulation (optionally upsampling x2 first), noise
+    input with a learned strength, bias and leaky ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, w_dim: int, resolution: int, up: bool,
+                 layer_index: int, conv_clamp: Optional[float]) -> None:
+        super().__init__()
+        self.resolution, self.up, self.layer_index, self.conv_clamp = resolution, up, layer_index, conv_clamp
+        self.affine = FullyConnected(w_dim, in_channels, bias_init=1.0)
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, 3, 3))
+        self.noise_strength = nn.Parameter(torch.empty(()))
+        self.bias = nn.Parameter(torch.empty(out_channels))
+        self.register_buffer("noise_const", torch.empty(resolution, resolution))
+        self.fir = FIRFilter() if up else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.weight.normal_()
+            self.noise_strength.zero_()
+            self.bias.zero_()
+            self.noise_const.normal_()
+
+    def noise(self, x: torch.Tensor, noise_seeds: Optional[Sequence[int]], noise_mode: str) -> Optional[torch.Tensor]:
+        N, R = x.shape[0], self.resolution
+        if noise_mode == "none":
+            return None
+        if noise_mode == "const":
+            return (self.noise_const.to(x.dtype) * self.noise_strength.to(x.dtype))[None, None]
+        if noise_seeds is None:
+            n = torch.randn(N, 1, R, R, device=x.device)
+        else:
+            if len(noise_seeds) != N:
+                raise ValueError(f"noise_seeds has {len(noise_seeds)} seeds for a batch of {N}")
+            n = torch.empty(N, 1, R, R, device=x.device)
+            gen = torch.Generator(device=x.device)
+            for k, s in enumerate(noise_seeds):
+                gen.manual_seed(rng.mix(int(s), self.layer_index))
+                torch.randn((1, R, R), generator=gen, device=x.device, out=n[k])
+        return n.to(x.dtype) * self.noise_strength.to(x.dtype)
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor, noise_seeds: Optional[Sequence[int]] = None,
+                noise_mode: str = "random", gain: float = 1.0) -> torch.Tensor:
+        styles = self.affine(w)  # [N, I]
+        weight = self.weight.to(x.dtype)
+        # demodulation: 1/sqrt(sum_{i,k} (w_oik s_i)^2), computed without a per-sample weight copy
+        dcoefs = (styles.square() @ weight.square().sum(dim=(2, 3)).t() + 1e-8).rsqrt()  # [N, O]
+        x = x * styles.reshape(*styles.shape, 1, 1)
+        if self.up:
+            x = F.conv_transpose2d(x, weight.transpose(0, 1), stride=2)
+            x = self.fir.pad(x, 1) * 4
+        else:
+            x = F.conv2d(x, weight, padding=1)
+        x = x * dcoefs.reshape(*dcoefs.shape, 1, 1)
+        n = self.noise(x, noise_seeds, noise_mode)
+        if n is not None:
+            x = x + n
+        clamp = self.conv_clamp * gain if self.conv_clamp is not None else None
+        return bias_act(x, self.bias, lrelu=True, gain=gain, clamp=clamp)
+
+
+class ToRGB(nn.Module):
+    """Modulated 1x1 convolution to image channels, without demodulation."""
+
+    def __init__(self, in_channels: int, img_channels: int, w_dim: int, conv_clamp: Optional[float]) -> None:
+        super().__init__()
+        self.conv_clamp = conv_clamp
+        self.affine = FullyConnected(w_dim, in_channels, bias_init=1.0)
+        self.weight = nn.Parameter(torch.empty(img_channels, in_channels, 1, 1))
+        self.bias = nn.Parameter(torch.empty(img_channels))
+        self.weight_gain = 1 / math.sqrt(in_channels)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.weight.normal_()
+            self.bias.zero_()
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        styles = self.affine(w) * self.weight_gain
+        x = F.conv2d(x * styles.reshape(*styles.shape, 1, 1), self.weight.to(x.dtype))
+        return bias_act(x, self.bias, lrelu=False, clamp=self.conv_clamp)
+
+
+class SynthesisBlock(nn.Module):
+    """One resolution of the skip generator: (const 4x4 | conv0 up) -> conv1 -> toRGB, added to
+    the upsampled image of the previous block."""
+
+    def __init__(self, in_channels: int, out_channels: int, w_dim: int, resolution: int, img_channels: int,
+                 first_layer: int, conv_clamp: Optional[float]) -> None:
+        super().__init__()
+        self.resolution = resolution
+        self.const = nn.Parameter(torch.empty(out_channels, 4, 4)) if in_channels == 0 else None
+        self.conv0 = (SynthesisLayer(in_channels, out_channels, w_dim, resolution, True, first_layer, conv_clamp)
+                      if in_channels else None)
+        self.conv1 = SynthesisLayer(out_channels, out_channels, w_dim, resolution, False,
+                                    first_layer + (1 if in_channels else 0), conv_clamp)
+        self.torgb = ToRGB(out_channels, img_channels, w_dim, conv_clamp)
+        self.fir = FIRFilter() if in_channels else None
+        self.num_conv = 2 if in_channels else 1
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.const is not None:
+            with torch.no_grad():
+                self.const.normal_()
+
+    def forward(self, x: Optional[torch.Tensor], img: Optional[torch.Tensor], ws: torch.Tensor,
+                noise_seeds: Optional[Sequence[int]], noise_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+        # ws: [N, num_conv + 1, w_dim]; the last one (toRGB) is also the next block's first
+        if self.const is not None:
+            x = self.const.to(ws.dtype).unsqueeze(0).repeat(ws.shape[0], 1, 1, 1)
+            x = self.conv1(x, ws[:, 0], noise_seeds, noise_mode)
+        else:
+            x = self.conv0(x, ws[:, 0], noise_seeds, noise_mode)
+            x = self.conv1(x, ws[:, 1], noise_seeds, noise_mode)
+        y = self.torgb(x, ws[:, self.num_conv]).float()
+        img = y if img is None else self.fir.up2(img) + y
+        return x, img
+
+
+class SynthesisNetwork(nn.Module):
+    def __init__(self, w_dim: int, resolution: int, img_channels: int, channel_base: int, channel_max: int,
+                 conv_clamp: Optional[float]) -> None:
+        super().__init__()
+        self.resolutions = [2 ** i for i in range(2, int(math.log2(resolution)) + 1)]
+        blocks, layer = [], 0
+        for res in self.resolutions:
+            cin = channels_at(res // 2, channel_base, channel_max) if res > 4 else 0
+            block = SynthesisBlock(cin, channels_at(res, channel_base, channel_max), w_dim, res, img_channels,
+                                   layer, conv_clamp)
+            layer += block.num_conv
+            blocks.append(block)
+        self.blocks = nn.ModuleList(blocks)
+        self.num_ws = layer + 1  # every conv, plus the last toRGB
+
+    def forward(self, ws: torch.Tensor, noise_seeds: Optional[Sequence[int]] = None,
+                noise_mode: str = "random") -> torch.Tensor:
+        x = img = None
+        i = 0
+        for block in self.blocks:
+            x, img = block(x, img, ws[:, i:i + block.num_conv + 1], noise_seeds, noise_mode)
+            i += block.num_conv
+        return img
+
+
+class Generator(nn.Module):
+    """G(z, c) -> images in about [-1, 1]. Training passes per-sample draws (gan_dist.rng):
+    `mix_z`/`mix_cutoff` (style mixing: the w of `mix_z` from layer `mix_cutoff` on; a cutoff of
+    num_ws mixes nothing) and `noise_seeds` (one integer per sample for every noise input).
+    Without them there is no mixing and the noise is drawn from torch's global RNG (the
+    reference's noise_mode='random'); noise_mode='const' uses the stored noise buffers."""
+
+    def __init__(self, z_dim: int, w_dim: int, resolution: int, img_channels: int, mapping_layers: int = 8,
+                 channel_base: int = 32768, channel_max: int = 512, conv_clamp: Optional[float] = None,
+                 mapping_lr_mult: float = 0.01, w_avg_beta: float = 0.995) -> None:
+        super().__init__()
+        self.z_dim, self.w_dim, self.resolution, self.img_channels = z_dim, w_dim, resolution, img_channels
+        self.synthesis = SynthesisNetwork(w_dim, resolution, img_channels, channel_base, channel_max, conv_clamp)
+        self.num_ws = self.synthesis.num_ws
+        self.mapping = MappingNetwork(z_dim, w_dim, self.num_ws, mapping_layers, mapping_lr_mult, w_avg_beta)
+
+    def forward(self, z: torch.Tensor, c: Optional[torch.Tensor] = None, mix_z: Optional[torch.Tensor] = None,
+                mix_cutoff: Optional[torch.Tensor] = None, noise_seeds: Optional[Sequence[int]] = None,
+                noise_mode: str = "random", truncation_psi: float = 1.0, truncation_cutoff: Optional[int] = None,
+                return_ws: bool = False):
+        ws = self.mapping(z, truncation_psi, truncation_cutoff)
+        if mix_z is not None:
+            ws2 = self.mapping(mix_z, truncation_psi, truncation_cutoff, update_w_avg=False)
+            later = torch.arange(self.num_ws, device=ws.device)[None, :] >= mix_cutoff.to(ws.device)[:, None]
+            ws = torch.where(later[..., None], ws2, ws)
+        img = self.synthesis(ws, noise_seeds, noise_mode)
+        return (img, ws) if return_ws else img
+
+
+class Conv2dLayer(nn.Module):
+    """Equalised-lr convolution of D (kernel 1 or 3), optionally FIR-downsampling x2, with bias
+    (optional), leaky ReLU or linear, and clamping."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int, lrelu: bool = True, down: bool = False,
+                 bias: bool = True, conv_clamp: Optional[float] = None) -> None:
+        super().__init__()
+        self.kernel, self.lrelu, self.down, self.conv_clamp = kernel, lrelu, down, conv_clamp
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel, kernel))
+        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        self.weight_gain = 1 / math.sqrt(in_channels * kernel * kernel)
+        self.fir = FIRFilter() if down else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.weight.normal_()
+            if self.bias is not None:
+                self.bias.zero_()
+
+    def forward(self, x: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
+        w = self.weight.to(x.dtype) * self.weight_gain
+        if self.down and self.kernel == 1:
+            x = F.conv2d(self.fir.down2(x), w)
+        elif self.down:
+            x = F.conv2d(self.fir.pad(x, 2), w, stride=2)
+        else:
+            x = F.conv2d(x, w, padding=self.kernel // 2)
+        clamp = self.conv_clamp * gain if self.conv_clamp is not None else None
+        return bias_act(x, self.bias, lrelu=self.lrelu, gain=gain, clamp=clamp)
+
+
+class DiscriminatorBlock(nn.Module):
+    """Residual D block: [fromRGB] -> conv0 -> conv1 (down), plus a 1x1 downsampled skip, each
+    branch scaled by sqrt(1/2)."""
+
+    def __init__(self, tmp_channels: int, out_channels: int, img_channels: int, first: bool,
+                 conv_clamp: Optional[float]) -> None:
+        super().__init__()
+        self.fromrgb = Conv2dLayer(img_channels, tmp_channels, 1, conv_clamp=conv_clamp) if first else None
+        self.conv0 = Conv2dLayer(tmp_channels, tmp_channels, 3, conv_clamp=conv_clamp)
+        self.conv1 = Conv2dLayer(tmp_channels, out_channels, 3, down=True, conv_clamp=conv_clamp)
+        self.skip = Conv2dLayer(tmp_channels, out_channels, 1, lrelu=False, down=True, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fromrgb is not None:
+            x = self.fromrgb(x)
+        y = self.skip(x, gain=SQRT_HALF)
+        x = self.conv1(self.conv0(x), gain=SQRT_HALF)
+        return y + x
+
+
+class MinibatchStd(nn.Module):
+    """Appends the standard deviation of each feature over a group of `group_size` consecutive
+    samples, averaged to `num_channels` maps."""
+
+    def __init__(self, group_size: int, num_channels: int = 1) -> None:
+        super().__init__()
+        self.group_size, self.num_channels = group_size, num_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        N, C, H, W = x.shape
+        G, Fc = min(self.group_size, N), self.num_channels
+        if N % G:
+            raise ValueError(f"the minibatch standard deviation groups {G} samples, and a batch of {N} "
+                             f"is not a multiple of it (model.stylegan2.mbstd_group, train.batch_size)")
+        y = x.float().reshape(N // G, G, Fc, C // Fc, H, W)
+        y = (y - y.mean(dim=1, keepdim=True)).square().mean(dim=1)
+        y = (y + 1e-8).sqrt().mean(dim=(2, 3, 4))  # [n, F]
+        y = y.repeat_interleave(G, dim=0).reshape(N, Fc, 1, 1).expand(N, Fc, H, W)
+        return torch.cat([x, y.to(x.dtype)], dim=1)
+
+
+class DiscriminatorEpilogue(nn.Module):
+    def __init__(self, channels: int, mbstd_group: int, conv_clamp: Optional[float]) -> None:
+        super().__init__()
+        self.mbstd = MinibatchStd(mbstd_group, 1)
+        self.conv = Conv2dLayer(channels + 1, channels, 3, conv_clamp=conv_clamp)
+        self.fc = FullyConnected(channels * 16, channels, lrelu=True)
+        self.out = FullyConnected(channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(self.mbstd(x))
+        return self.out(self.fc(x.flatten(1)))
+
+
+class Discriminator(nn.Module):
+    """D(x, c) -> one logit per image: residual blocks from `resolution` down to 8, then the 4x4
+    epilogue (minibatch std, conv, fc, out)."""
+
+    def __init__(self, resolution: int, img_channels: int, channel_base: int = 32768, channel_max: int = 512,
+                 mbstd_group: int = 4, conv_clamp: Optional[float] = None) -> None:
+        super().__init__()
+        self.resolutions = [2 ** i for i in range(int(math.log2(resolution)), 2, -1)]
+        ch = lambda r: channels_at(r, channel_base, channel_max)  # noqa: E731
+        self.blocks = nn.ModuleList(DiscriminatorBlock(ch(r), ch(r // 2), img_channels, r == resolution, conv_clamp)
+                                    for r in self.resolutions)
+        self.epilogue = DiscriminatorEpilogue(ch(4), mbstd_group, conv_clamp)
+
+    def forward(self, img: torch.Tensor, c: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = img
+        for block in self.blocks:
+            x = block(x)
+        return self.epilogue(x)
+
+
+def reset_parameters_(module: nn.Module) -> None:
+    """Draw every layer's weights again from torch's global RNG, as the reference initialises them."""
+    for m in module.modules():
+        if isinstance(m, (FullyConnected, SynthesisLayer, ToRGB, SynthesisBlock, Conv2dLayer)):
+            m.reset_parameters()

@@ -1,0 +1,284 @@
+"""StyleGAN2 (gan_dist/models/stylegan2): sizes derived from the architecture, the per-sample
+draws, path length, bad settings, and exactness under every strategy through all four phases
+(Dmain, Dreg, Gmain, Greg) with real gloo processes."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from gan_dist import rng
+from gan_dist.config import ConfigError, load_config
+from gan_dist.models import model_spec
+from tests._mp import REPO, run_ranks
+from tests.workers.sharded_worker import STYLEGAN2_TINY
+
+WORKER = str(REPO / "tests" / "workers" / "sharded_worker.py")
+TINY = ["model.arch=stylegan2", *STYLEGAN2_TINY]
+
+
+def cfg_of(*overrides: str):
+    return load_config(None, list(overrides))
+
+
+# ---- sizes ----------------------------------------------------------------------------------
+def expected_counts(R: int, C: int, z: int, w: int, layers: int, base: int, cmax: int) -> dict[str, int]:
+    """Parameters of StyleGAN2 config F, counted from the architecture (Karras et al. 2020, and
+    stylegan2-ada-pytorch's networks.py): every FC layer has in*out weights + out biases; a
+    synthesis layer is an affine FC (w -> in, its biases initialised to 1), a 3x3 weight
+    out*in*9, one noise strength and out biases; toRGB is an affine FC (w -> in) + a 1x1 weight
+    C*in + C biases; the 4x4 block starts from a learned const ch(4)*4*4 and has one conv; D's
+    residual blocks have conv0 (3x3, tmp->tmp, bias), conv1 (3x3, tmp->out, bias), a bias-free
+    1x1 skip (tmp->out) and, at the input resolution, fromRGB (1x1, C->tmp, bias); D's epilogue
+    has a 3x3 conv over ch(4)+1 maps (the minibatch std), an FC ch(4)*16 -> ch(4) and an FC
+    ch(4) -> 1."""
+    ch = lambda r: min(base // r, cmax)  # noqa: E731
+    fc = lambda i, o: i * o + o  # noqa: E731
+    mapping = fc(z, w) + (layers - 1) * fc(w, w)
+    syn_layer = lambda i, o: fc(w, i) + o * i * 9 + 1 + o  # noqa: E731
+    torgb = lambda i: fc(w, i) + C * i + C  # noqa: E731
+    log2 = int(math.log2(R))
+    g = mapping + ch(4) * 16 + syn_layer(ch(4), ch(4)) + torgb(ch(4))
+    for r in (2 ** k for k in range(3, log2 + 1)):
+        g += syn_layer(ch(r // 2), ch(r)) + syn_layer(ch(r), ch(r)) + torgb(ch(r))
+    d = C * ch(R) + ch(R)  # fromRGB
+    for r in (2 ** k for k in range(3, log2 + 1)):
+        tmp, out = ch(r), ch(r // 2)
+        d += (tmp * tmp * 9 + tmp) + (out * tmp * 9 + out) + out * tmp
+    c4 = ch(4)
+    d += ((c4 + 1) * c4 * 9 + c4) + fc(c4 * 16, c4) + fc(c4, 1)
+    return {"G": g, "D": d}
+
+
+# stylegan2-ada-pytorch at d72cc7d (training.networks.Generator/Discriminator, instantiated outside
+# this repository) has these counts; the formula above must give them too
+REFERENCE_COUNTS = {("stylegan2", 1024): {"G": 30370060, "D": 29012513},
+                    ("paper256", 256): {"G": 24767458, "D": 24001089}}
+
+
+@pytest.mark.parametrize("preset,R,base", [("stylegan2", 1024, 32768), ("paper256", 256, 16384)])
+def test_parameter_counts_follow_from_the_architecture(preset, R, base):
+    cfg = cfg_of("model.arch=stylegan2", f"model.resolution={R}", "model.channels=3",
+                 f"model.stylegan2.preset={preset}")
+    spec = model_spec(cfg.model)
+    with torch.device("meta"):
+        G, D = spec.make_generator(), spec.make_discriminator()
+    expected = expected_counts(R, 3, 512, 512, 8, base, 512)
+    assert expected == REFERENCE_COUNTS[(preset, R)]
+    assert spec.param_counts(G, D) == expected
+
+
+def test_tiny_counts_follow_from_the_architecture():
+    spec = model_spec(cfg_of(*TINY).model)
+    G, D = spec.build(0)
+    assert spec.param_counts(G, D) == expected_counts(32, 1, 16, 16, 2, 256, 16)
+
+
+# ---- networks and draws ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny():
+    spec = model_spec(cfg_of(*TINY).model)
+    G, D = spec.build(0)
+    return spec, G, D
+
+
+def test_draws_depend_on_the_sample_index_only(tiny):
+    spec, G, _ = tiny
+    whole = spec.draw_g_inputs(7, range(100, 108), "cpu")
+    halves = [spec.draw_g_inputs(7, range(lo, lo + 4), "cpu") for lo in (100, 104)]
+    assert torch.equal(torch.cat([h["mix_z"] for h in halves]), whole["mix_z"])
+    assert torch.equal(torch.cat([h["mix_cutoff"] for h in halves]), whole["mix_cutoff"])
+    assert halves[0]["noise_seeds"] + halves[1]["noise_seeds"] == whole["noise_seeds"]
+    z = rng.randn_by_index(7, rng.Z, range(100, 108), (16,))
+    out = G(z, None, **whole)
+    parts = [G(z[i:i + 4], None, **halves[i // 4]) for i in (0, 4)]
+    torch.testing.assert_close(torch.cat(parts), out, rtol=0, atol=1e-6)
+    assert not torch.equal(out, G(z, None, **spec.draw_g_inputs(8, range(100, 108), "cpu")))
+
+
+def test_style_mixing_share_and_cutoffs(tiny):
+    spec, G, _ = tiny
+    cut = spec.draw_g_inputs(0, range(4000), "cpu")["mix_cutoff"]
+    mixed = cut < G.num_ws
+    assert 0.87 < mixed.float().mean().item() < 0.93  # style_mixing=0.9
+    assert cut.min().item() == 1 and set(cut[mixed].tolist()) == set(range(1, G.num_ws))
+
+
+def test_mixing_takes_the_second_latents_w_from_the_cutoff(tiny):
+    _, G, _ = tiny
+    G.eval()
+    try:
+        z, z2 = torch.randn(2, 16), torch.randn(2, 16)
+        cutoff = torch.tensor([3, G.num_ws])
+        _, ws = G(z, None, mix_z=z2, mix_cutoff=cutoff, noise_mode="const", return_ws=True)
+        w1, w2 = G.mapping(z), G.mapping(z2)
+        assert torch.equal(ws[0, :3], w1[0, :3]) and torch.equal(ws[0, 3:], w2[0, 3:])
+        assert torch.equal(ws[1], w1[1])
+    finally:
+        G.train()
+
+
+def test_noise_inputs_and_modes(tiny):
+    _, G, _ = tiny
+    G.eval()
+    try:
+        with torch.no_grad():
+            for layer in G.modules():  # noise matters only with a strength
+                if hasattr(layer, "noise_strength"):
+                    layer.noise_strength.fill_(0.5)
+            z = torch.randn(2, 16)
+            a, b = G(z, None, noise_seeds=(1, 2)), G(z, None, noise_seeds=(1, 2))
+            assert torch.equal(a, b)
+            assert not torch.equal(a, G(z, None, noise_seeds=(1, 3)))
+            assert torch.equal(a[0], G(z, None, noise_seeds=(1, 3))[0])
+            assert torch.equal(G(z, None, noise_mode="const"), G(z, None, noise_mode="const"))
+            assert not torch.equal(G(z), G(z))  # 'random': torch's global RNG
+    finally:
+        with torch.no_grad():
+            for layer in G.modules():
+                if hasattr(layer, "noise_strength"):
+                    layer.noise_strength.zero_()
+        G.train()
+
+
+def test_truncation_pulls_toward_the_tracked_average(tiny):
+    _, G, _ = tiny
+    z = torch.randn(64, 16)
+    before = G.mapping.w_avg.clone()
+    G.train()
+    G.mapping(z)
+    assert not torch.equal(G.mapping.w_avg, before)  # tracked in training mode
+    G.eval()
+    try:
+        avg = G.mapping.w_avg.clone()
+        w = G.mapping(z)
+        assert torch.equal(G.mapping.w_avg, avg)  # not in eval mode
+        torch.testing.assert_close(G.mapping(z, truncation_psi=0.0), avg.expand_as(w))
+        torch.testing.assert_close(G.mapping(z, truncation_psi=0.7), avg + 0.7 * (w - avg))
+    finally:
+        G.train()
+
+
+def test_minibatch_std_groups_consecutive_samples(tiny):
+    _, _, D = tiny
+    x = torch.randn(8, 1, 32, 32)
+    out = D(x)
+    torch.testing.assert_close(torch.cat([D(x[:4]), D(x[4:])]), out)
+    with pytest.raises(ValueError, match="mbstd_group"):
+        D(x[:6])
+
+
+def test_path_length_term_and_its_state(tiny):
+    from gan_dist.loop import Batch
+    from gan_dist.models.stylegan2 import PathLength
+
+    spec, G, _ = tiny
+
+    class Plain:  # the strategy's part in a penalty: call G, take the input gradient
+        def __init__(self):
+            self.G = G
+
+        def input_grad(self, output, inputs, trained):
+            return torch.autograd.grad(output, inputs, create_graph=True)[0]
+
+    b = Batch(real=torch.zeros(8, 1, 32, 32), z=torch.randn(8, 16), g_inputs=spec.draw_g_inputs(0, range(8), "cpu"))
+    term = PathLength(16, G.num_ws, 0.9, weight=2.0, decay=0.01, shrink=2)
+    loss, stats = term(Plain(), b)
+    assert stats["pl/mean"].item() > 0 and stats["loss/pl"].item() > 0
+    G.zero_grad()
+    loss.backward()
+    assert all(p.grad is not None for p in G.parameters())
+    assert G.mapping.layers[0].weight.grad.abs().sum() > 0  # through the Jacobian's dependence on w
+    restored = PathLength(16, G.num_ws, 0.9, 2.0, 0.01, 2)
+    restored.load_state_dict(term.state_dict())
+    assert torch.equal(restored.mean, term.mean)
+
+
+def test_greg_phase_in_the_recipe():
+    from gan_dist.recipe import build_recipe
+
+    cfg = cfg_of(*TINY, "reg.r1_gamma=10", "reg.d_every=16")
+    spec = model_spec(cfg.model)
+    recipe = build_recipe(cfg, spec)
+    phases = {p.name: p for p in recipe.phases}
+    assert list(phases) == ["Dmain", "Dreg", "Gmain", "Greg"]
+    greg = phases["Greg"]
+    assert (greg.trains, greg.terms, greg.every, greg.weight, greg.double_backward) == ("G", ("pl",), 4, 4.0, True)
+    assert recipe.reg_interval("G") == 4 and recipe.reg_interval("D") == 16
+    no_pl = cfg_of(*TINY, "model.stylegan2.pl_weight=0")
+    off = build_recipe(no_pl, model_spec(no_pl.model))
+    assert [p.name for p in off.phases] == ["Dmain", "Gmain"]
+
+
+@pytest.mark.parametrize("override,key", [
+    ("model.resolution=48", "model.resolution"), ("model.resolution=16", "model.resolution"),
+    ("model.resolution=2048", "model.resolution"), ("model.stylegan2.channel_base=16", "model.stylegan2.channel_base"),
+    ("model.stylegan2.channel_max=0", "model.stylegan2.channel_max"),
+    ("model.stylegan2.preset=paper512", "model.stylegan2.preset"),
+    ("model.stylegan2.style_mixing=1.5", "model.stylegan2.style_mixing"),
+    ("model.num_classes=10", "model.num_classes")])
+def test_bad_settings_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        cfg_of(*TINY, override)
+
+
+def test_preset_none_needs_every_size():
+    with pytest.raises(ConfigError, match=r"model\.stylegan2\.channel_base is unset"):
+        cfg_of("model.arch=stylegan2", "model.resolution=32", "model.channels=1", "model.stylegan2.preset=none")
+
+
+# ---- exactness under every strategy (multi-process) -----------------------------------------
+# 3 iterations: Dreg (R1) and Greg (path length) due at iterations 0 and 2
+EXACT = ("--model", "stylegan2", "--global-batch", "8", "--iters", "3", "--r1", "10", "--d-every", "2",
+         "--pl-every", "2")
+STRATEGIES = {"ddp": ("--strategy", "ddp"), "fsdp": ("--strategy", "fsdp"),
+              **{f"zero{s}": ("--strategy", "deepspeed", "--zero-stage", str(s)) for s in (1, 2, 3)},
+              "zero3_all": ("--strategy", "deepspeed", "--ds-config", "{zero3_all}")}
+
+
+def job(tmp_path, name: str, world_size: int, *args: str) -> list[dict]:
+    out = tmp_path / f"{name}-{{rank}}.pt"
+    if "{zero3_all}" in args:
+        conf = json.loads((REPO / "configs" / "deepspeed" / "zero3.json").read_text())
+        conf["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+        (tmp_path / "zero3_all.json").write_text(json.dumps(conf))
+        args = tuple(str(tmp_path / "zero3_all.json") if a == "{zero3_all}" else a for a in args)
+    run_ranks([str(REPO / "tests" / "workers" / "per_rank.py"), WORKER, "--out", str(out), *args],
+              world_size, timeout=900)
+    return [torch.load(tmp_path / f"{name}-{r}.pt", weights_only=True) for r in range(world_size)]
+
+
+def assert_same(a: dict, b: dict) -> None:
+    for model in ("G", "D"):
+        assert a[model].keys() == b[model].keys()
+        for key, value in a[model].items():
+            torch.testing.assert_close(value, b[model][key], rtol=1e-5, atol=1e-6,
+                                       msg=lambda m: f"{model}.{key}: {m}")
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> dict:
+    return job(tmp_path_factory.mktemp("sg2-one"), "one", 1, "--strategy", "none", *EXACT)[0]
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(1800)
+def test_the_regularisers_change_the_weights(tmp_path, one_process):
+    """The comparisons below would prove little if R1 and path length had no effect."""
+    plain = job(tmp_path, "plain", 1, "--strategy", "none", "--model", "stylegan2", "--global-batch", "8",
+                "--iters", "3", "--pl-weight", "0")[0]
+    for model in ("G", "D"):
+        diff = max((plain[model][k] - one_process[model][k]).abs().max().item()
+                   for k in plain[model] if plain[model][k].is_floating_point())
+        assert diff > 1e-4, f"the regularisers hardly changed {model} ({diff})"
+    assert all(torch.isfinite(v).all() for m in ("G", "D") for v in one_process[m].values())
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_two_processes_equal_one_with_the_whole_batch(tmp_path, one_process, name):
+    r0, _ = job(tmp_path, name, 2, *STRATEGIES[name], *EXACT)
+    assert_same(r0, one_process)
