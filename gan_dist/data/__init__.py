@@ -8,6 +8,7 @@ import torch
 from gan_dist.data.demo import ensure_demo_shards
 from gan_dist.data.index import DataError, ShardSet, expand_urls, resolve_shards
 from gan_dist.data.reader import Batch, ShardLoader, build_loader
+from gan_dist.data.shape import DataShape, data_shape
 
 
 def resolve_urls(data_cfg: Any) -> list[str]:
@@ -37,5 +38,5 @@ def make_loader(cfg: Any, shards: ShardSet, rank: int, world_size: int, device: 
                         cfg.run.seed, rank, world_size, device)
 
 
-__all__ = ["Batch", "DataError", "ShardLoader", "ShardSet", "build_loader", "ensure_demo_shards",
-           "expand_urls", "make_loader", "resolve_shards", "resolve_urls", "shared_shards"]
+__all__ = ["Batch", "DataError", "DataShape", "ShardLoader", "ShardSet", "build_loader", "data_shape",
+           "ensure_demo_shards", "expand_urls", "make_loader", "resolve_shards", "resolve_urls", "shared_shards"]
