@@ -60,6 +60,7 @@ def plan_save(value: str) -> None:
     state = {"active": False, "files": 0, "fsync_root": 0}
     save, save_file, write_text, fsync_dir, rmtree = (ck.Checkpointer.save, ck.save_file, ck.write_text_durably,
                                                       ck.fsync_dir, shutil.rmtree)
+    write_atomic = ck.write_text_atomic
 
     def hooked_save(self, s, *args, **kwargs):
         state["active"] = s == int(step)
@@ -82,15 +83,24 @@ def plan_save(value: str) -> None:
 
     def hooked_write_text(path, text):
         write_text(path, text)
-        if state["active"] and ((kind == "manifest" and Path(path).name == ck.MANIFEST)
-                                or (kind == "pointer" and Path(path).name == f"{ck.TMP_PREFIX}{ck.LATEST}")):
+        if state["active"] and kind == "manifest" and Path(path).name == ck.MANIFEST:
             die(f"after writing {Path(path).name}")
+
+    def hooked_write_atomic(path, text):
+        if state["active"] and kind == "pointer" and Path(path).name == ck.LATEST:
+            # as gan_dist.atomic leaves it when killed before its os.replace: a temporary beside the target
+            tmp = Path(path).with_name(f"{ck.TMP_PREFIX}{ck.LATEST}-killed")
+            tmp.write_text(text)
+            die(f"after writing {tmp.name}")
+        write_atomic(path, text)
+        if state["active"] and kind == "latest" and Path(path).name == ck.LATEST:
+            die(f"latest: {sorted(p.name for p in Path(path).parent.iterdir())}")
 
     def hooked_fsync_dir(path):
         fsync_dir(path)
         if state["active"] and not Path(path).name.startswith(ck.TMP_PREFIX):  # the checkpoint root
-            state["fsync_root"] += 1  # 1: after the rename, 2: after `latest` moved
-            if (kind, state["fsync_root"]) in (("renamed", 1), ("latest", 2)):
+            state["fsync_root"] += 1  # 1: after the rename
+            if (kind, state["fsync_root"]) == ("renamed", 1):
                 die(f"{kind}: {sorted(p.name for p in Path(path).iterdir())}")
 
     def hooked_rmtree(path, *args, **kwargs):
@@ -104,6 +114,7 @@ def plan_save(value: str) -> None:
     ck.Checkpointer.save = hooked_save
     ck.save_file = hooked_save_file
     ck.write_text_durably = hooked_write_text
+    ck.write_text_atomic = hooked_write_atomic
     ck.fsync_dir = hooked_fsync_dir
     ck.shutil = types.SimpleNamespace(**vars(shutil))
     ck.shutil.rmtree = hooked_rmtree
