@@ -85,7 +85,7 @@ def test_same_command_and_seed_give_identical_generator(tmp_path, nproc):
     """bf16 and several loader workers included: the defaults must be reproducible too."""
     digests = []
     for attempt in ("a", "b"):
-        args = [*TINY, "train.precision=bf16", "data.num_workers=2", "model.norm=batch",
+        args = [*TINY, "train.precision=bf16", "data.num_workers=2", "model.dcgan.norm=batch",
                 f"run.dir={tmp_path / attempt}", "run.seed=5"]
         if nproc == 1:
             run([PYTHON, TRAIN, *args], cwd=tmp_path, timeout=240)
