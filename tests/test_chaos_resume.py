@@ -103,6 +103,7 @@ def four_steps(tmp_path_factory) -> dict[str, Path]:
     return {"run": base / "four", "sha": sha(base / "whole" / "generator.pt")}
 
 
+@pytest.mark.slow  # 7 points x (a killed run + its rerun): about 3 min on 2 cores
 @pytest.mark.parametrize("point, resumes_at", POINTS, ids=[p for p, _ in POINTS])
 def test_sigkill_during_a_checkpoint_write_never_leaves_a_broken_checkpoint(tmp_path, four_steps, point,
                                                                            resumes_at):

@@ -10,7 +10,7 @@ GAN_DIST_TEST_KILL_STEPS="ATTEMPT:RANK:STEP,..."  in torchrun attempt ATTEMPT
 GAN_DIST_TEST_KILL_SAVE="STEP:POINT"  dies inside the save of checkpoint STEP, at POINT:
     half:N      halfway through writing the N-th file of gan_dist.checkpoint.save_file
     file:N      just after the N-th save_file returned (written and fsynced)
-    manifest    the manifest written into the temporary directory, not yet renamed
+    manifest    the temporary directory complete with its manifest, not yet renamed
     renamed     the directory renamed to stepNNN, `latest` not yet replaced
     pointer     the new `latest` written beside the old one, not yet moved over it
     latest      `latest` moved, older checkpoints not yet pruned
@@ -24,7 +24,6 @@ import runpy
 import shutil
 import signal
 import sys
-import types
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -57,10 +56,8 @@ def plan_save(value: str) -> None:
 
     step, point = value.split(":", 1)
     kind, _, nth = point.partition(":")
-    state = {"active": False, "files": 0, "fsync_root": 0}
-    save, save_file, write_text, fsync_dir, rmtree = (ck.Checkpointer.save, ck.save_file, ck.write_text_durably,
-                                                      ck.fsync_dir, shutil.rmtree)
-    write_atomic = ck.write_text_atomic
+    state = {"active": False, "files": 0}
+    save, save_file, rename, replace, rmtree = ck.Checkpointer.save, ck.save_file, os.rename, os.replace, shutil.rmtree
 
     def hooked_save(self, s, *args, **kwargs):
         state["active"] = s == int(step)
@@ -81,27 +78,21 @@ def plan_save(value: str) -> None:
             if kind == "file" and state["files"] == int(nth):
                 die(f"after {Path(path).name}")
 
-    def hooked_write_text(path, text):
-        write_text(path, text)
-        if state["active"] and kind == "manifest" and Path(path).name == ck.MANIFEST:
-            die(f"after writing {Path(path).name}")
+    def hooked_rename(src, dst, *args, **kwargs):  # Path.rename too
+        is_commit = state["active"] and ck.STEP_DIR.match(Path(dst).name) and Path(src).name.startswith(ck.TMP_PREFIX)
+        if is_commit and kind == "manifest":
+            die(f"{Path(src).name} complete with its manifest, not yet renamed")
+        rename(src, dst, *args, **kwargs)
+        if is_commit and kind == "renamed":
+            die(f"renamed to {Path(dst).name}, `latest` not yet replaced")
 
-    def hooked_write_atomic(path, text):
-        if state["active"] and kind == "pointer" and Path(path).name == ck.LATEST:
-            # as gan_dist.atomic leaves it when killed before its os.replace: a temporary beside the target
-            tmp = Path(path).with_name(f"{ck.TMP_PREFIX}{ck.LATEST}-killed")
-            tmp.write_text(text)
-            die(f"after writing {tmp.name}")
-        write_atomic(path, text)
-        if state["active"] and kind == "latest" and Path(path).name == ck.LATEST:
-            die(f"latest: {sorted(p.name for p in Path(path).parent.iterdir())}")
-
-    def hooked_fsync_dir(path):
-        fsync_dir(path)
-        if state["active"] and not Path(path).name.startswith(ck.TMP_PREFIX):  # the checkpoint root
-            state["fsync_root"] += 1  # 1: after the rename
-            if (kind, state["fsync_root"]) == ("renamed", 1):
-                die(f"{kind}: {sorted(p.name for p in Path(path).iterdir())}")
+    def hooked_replace(src, dst, *args, **kwargs):  # Path.replace too
+        is_latest = state["active"] and Path(dst).name == ck.LATEST
+        if is_latest and kind == "pointer":
+            die(f"new `latest` written to {Path(src).name}, not yet moved")
+        replace(src, dst, *args, **kwargs)
+        if is_latest and kind == "latest":
+            die("`latest` moved, older checkpoints not yet pruned")
 
     def hooked_rmtree(path, *args, **kwargs):
         if state["active"] and kind == "prune" and ck.STEP_DIR.match(Path(path).name):
@@ -113,11 +104,7 @@ def plan_save(value: str) -> None:
 
     ck.Checkpointer.save = hooked_save
     ck.save_file = hooked_save_file
-    ck.write_text_durably = hooked_write_text
-    ck.write_text_atomic = hooked_write_atomic
-    ck.fsync_dir = hooked_fsync_dir
-    ck.shutil = types.SimpleNamespace(**vars(shutil))
-    ck.shutil.rmtree = hooked_rmtree
+    os.rename, os.replace, shutil.rmtree = hooked_rename, hooked_replace, hooked_rmtree
 
 
 if __name__ == "__main__":
