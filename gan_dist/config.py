@@ -35,10 +35,12 @@ class TrainConfig:
     d_steps: int = 1  # D updates per G update
     precision: str = "bf16"  # fp32 | bf16 | fp16
     loss: str = "nonsaturating"  # nonsaturating | minimax | hinge | rpgan
-    lr_g: float = 2e-4
-    lr_d: float = 2e-4
+    # lr_g, lr_d, beta2 (and reg.r*_gamma, ema.half_life_kimg): a number or a schedule
+    # {start, end, kimg, shape: cosine|linear} over images seen (gan_dist/schedules.py)
+    lr_g: Any = 2e-4
+    lr_d: Any = 2e-4
     beta1: float = 0.5
-    beta2: float = 0.999
+    beta2: Any = 0.999
     channels_last: bool = True  # NHWC activations into the convolutions (docs/benchmarks.md)
     compile: bool = False  # torch.compile G and D in place; minutes of compiling first (docs/benchmarks.md)
     # convolutions on grids of <= 64 positions as one matmul (gan_dist/matmul_conv.py): auto = on a CPU
@@ -107,8 +109,8 @@ class ModelConfig:
 @dataclass
 class RegConfig:
     """Gradient penalties on D (docs/recipes.md)."""
-    r1_gamma: float = 0.0  # gamma/2 * E||grad_x D(x)||^2 on real images; 0: off
-    r2_gamma: float = 0.0  # the same on generated images; 0: off
+    r1_gamma: Any = 0.0  # gamma/2 * E||grad_x D(x)||^2 on real images; 0: off; or a schedule
+    r2_gamma: Any = 0.0  # the same on generated images; 0: off; or a schedule
     d_every: int = 1  # 1: the penalties join Dmain's backward; k > 1: a Dreg phase every k steps
 
 
@@ -154,7 +156,7 @@ class ParallelConfig:
 @dataclass
 class EMAConfig:
     enabled: bool = True  # samples, metrics and generator_ema.pt use the averaged weights
-    half_life_kimg: float = 10.0  # thousands of images over which an old weight's share halves
+    half_life_kimg: Any = 10.0  # thousands of images over which an old weight's share halves; or a schedule
     rampup: Optional[float] = 0.05  # half-life at most rampup x images seen so far; null: no ramp-up
 
 
@@ -213,8 +215,7 @@ POSITIVE = ("train.steps", "train.batch_size", "train.grad_accum", "train.d_step
             "data.shuffle_buffer",
             "data.prefetch_factor", "eval.num_samples", "eval.batch_size", "eval.kid_subsets",
             "eval.kid_subset_size")
-NON_NEGATIVE = ("run.threads", "data.num_workers", "eval.every", "eval.reference_images", "model.num_classes",
-                "reg.r1_gamma", "reg.r2_gamma")
+NON_NEGATIVE = ("run.threads", "data.num_workers", "eval.every", "eval.reference_images", "model.num_classes")
 
 
 def _get(cfg: Any, dotted: str) -> Any:
@@ -238,13 +239,11 @@ def validate(cfg: Config) -> None:
     for key in NON_NEGATIVE:
         if _get(cfg, key) < 0:
             raise ConfigError(f"{key}={_get(cfg, key)!r} must be >= 0")
-    for key in ("train.lr_g", "train.lr_d"):
-        if not _get(cfg, key) > 0:
-            raise ConfigError(f"{key}={_get(cfg, key)!r} must be > 0")
-    for key in ("train.beta1", "train.beta2"):
-        if not 0 <= _get(cfg, key) < 1:
-            raise ConfigError(f"{key}={_get(cfg, key)!r} must be in [0, 1)")
-    if cfg.train.compile and (cfg.reg.r1_gamma or cfg.reg.r2_gamma):
+    from gan_dist import schedules
+    schedules.validate(cfg)  # lr_g, lr_d, beta2, the gammas, the EMA half-life: at every point
+    if not 0 <= cfg.train.beta1 < 1:
+        raise ConfigError(f"train.beta1={cfg.train.beta1!r} must be in [0, 1)")
+    if cfg.train.compile and (cfg.reg.r1_gamma or cfg.reg.r2_gamma):  # a schedule counts as on
         raise ConfigError("train.compile=true cannot be combined with a gradient penalty (reg.r1_gamma, "
                           "reg.r2_gamma): the penalty differentiates D's compiled forward twice, which "
                           "torch.compile does not support (docs/recipes.md); use train.compile=false")
@@ -256,8 +255,6 @@ def validate(cfg: Config) -> None:
         model_spec(cfg.model)  # the family checks its own settings
     if not 0 <= cfg.data.max_skip_fraction <= 1:
         raise ConfigError(f"data.max_skip_fraction={cfg.data.max_skip_fraction!r} must be in [0, 1]")
-    if cfg.ema.half_life_kimg < 0:
-        raise ConfigError(f"ema.half_life_kimg={cfg.ema.half_life_kimg!r} must be >= 0")
     if cfg.ema.rampup is not None and cfg.ema.rampup < 0:
         raise ConfigError(f"ema.rampup={cfg.ema.rampup!r} must be >= 0 (or null: no ramp-up)")
     ds = cfg.parallel.deepspeed

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from gan_dist import distributed as gdist
+from gan_dist.schedules import Schedules
 from gan_dist.atomic import save_torch_atomic, write_text_atomic
 from gan_dist.checkpoint import FORMAT, Checkpointer, rng_state, set_rng_state
 from gan_dist.config import Config, ConfigError, to_dict, to_yaml, validate
@@ -105,8 +106,9 @@ class Trainer:
         seed_everything(cfg.run.seed, info.rank)
 
         self.strategy = build_strategy(info, cfg)
-        self.recipe, self.spec, self.params = setup_models(self.strategy, cfg)
-        self.ema = build_ema(self.strategy, cfg.ema)  # before resuming: checkpoints hold its state
+        self.schedules = Schedules(cfg)  # lr, beta2, gammas, EMA half-life: built at their start values
+        self.recipe, self.spec, self.params = setup_models(self.strategy, self.schedules.initial)
+        self.ema = build_ema(self.strategy, self.schedules.initial.ema)  # before resuming: checkpoints hold its state
 
         self.data = make_loader(cfg, shards, info.rank, info.world_size, self.device)
         self.data_summary: Optional[dict] = None  # all ranks' data counts, as of the last log
@@ -148,6 +150,7 @@ class Trainer:
             while self.step < t.steps:
                 batches = self.next_batches()
                 self.guard.before_step()
+                self.schedules.apply(self.strategy, self.recipe, self.ema, self.images_seen)
                 stats = train_step(self.strategy, self.recipe, batches, self.step)
                 self.step += 1
                 self.images_seen += self.images_per_step
@@ -272,6 +275,7 @@ class Trainer:
             "perf/img_per_sec": img_per_sec,
             "perf/img_per_sec_per_process": img_per_sec / self.info.world_size,
             "progress/kimg": self.images_seen / 1000.0,
+            **self.schedules.scalars(),  # the values the last step ran with
         })
         self.data_summary = self.data.global_stats()  # collective, like the reduction above
         self.logger.scalars(self.step, self.data.scalars(self.data_summary))
