@@ -48,6 +48,13 @@ MODELS: dict[str, dict[str, Any]] = {
     "dcgan-32": {"model.resolution": 32, "model.channels": 1, "model.dcgan.ngf": 32, "model.dcgan.ndf": 32, "model.dcgan.nz": 100},
     "dcgan-64": {"model.resolution": 64, "model.channels": 3, "model.dcgan.ngf": 64, "model.dcgan.ndf": 64, "model.dcgan.nz": 100},
     "dcgan-64-xl": {"model.resolution": 64, "model.channels": 3, "model.dcgan.ngf": 512, "model.dcgan.ndf": 512, "model.dcgan.nz": 100},
+    # StyleGAN2 (docs/models.md): 64x64 with stylegan2-ada-pytorch's --cfg=auto sizes at that resolution
+    # (channel_base 16384, 2 mapping layers), 256x256 with its --cfg=paper256 preset
+    "stylegan2-64": {"model.arch": "stylegan2", "model.resolution": 64, "model.channels": 3,
+                     "model.stylegan2.preset": "stylegan2", "model.stylegan2.channel_base": 16384,
+                     "model.stylegan2.mapping_layers": 2},
+    "stylegan2-256": {"model.arch": "stylegan2", "model.resolution": 256, "model.channels": 3,
+                      "model.stylegan2.preset": "paper256"},
 }
 
 PARTS = ("data", "D", "G", "opt")  # the split of an iteration; the rest is "other"

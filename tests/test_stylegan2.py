@@ -134,7 +134,10 @@ def test_noise_inputs_and_modes(tiny):
             assert not torch.equal(a, G(z, None, noise_seeds=(1, 3)))
             assert torch.equal(a[0], G(z, None, noise_seeds=(1, 3))[0])
             assert torch.equal(G(z, None, noise_mode="const"), G(z, None, noise_mode="const"))
-            assert not torch.equal(G(z), G(z))  # 'random': torch's global RNG
+            assert torch.equal(G(z), G(z, noise_mode="const"))  # eval mode: a function of z
+            assert not torch.equal(G(z, noise_mode="random"), G(z, noise_mode="random"))  # global RNG
+            G.train()
+            assert not torch.equal(G(z), G(z))  # training mode: 'random'
     finally:
         with torch.no_grad():
             for layer in G.modules():
@@ -184,14 +187,14 @@ def test_path_length_term_and_its_state(tiny):
             return torch.autograd.grad(output, inputs, create_graph=True)[0]
 
     b = Batch(real=torch.zeros(8, 1, 32, 32), z=torch.randn(8, 16), g_inputs=spec.draw_g_inputs(0, range(8), "cpu"))
-    term = PathLength(16, G.num_ws, 0.9, weight=2.0, decay=0.01, shrink=2)
+    term = PathLength(16, 16, G.num_ws, 0.9, weight=2.0, decay=0.01, shrink=2)
     loss, stats = term(Plain(), b)
     assert stats["pl/mean"].item() > 0 and stats["loss/pl"].item() > 0
     G.zero_grad()
     loss.backward()
     assert all(p.grad is not None for p in G.parameters())
     assert G.mapping.layers[0].weight.grad.abs().sum() > 0  # through the Jacobian's dependence on w
-    restored = PathLength(16, G.num_ws, 0.9, 2.0, 0.01, 2)
+    restored = PathLength(16, 16, G.num_ws, 0.9, 2.0, 0.01, 2)
     restored.load_state_dict(term.state_dict())
     assert torch.equal(restored.mean, term.mean)
 

@@ -156,6 +156,10 @@ def load_json(path: str) -> dict:
     return conf
 
 
+# the id a penalty phase holds ZeRO-3 parameters under (sub-module ids are >= 0)
+_PHASE_HOLD = -1
+
+
 class _Call(nn.Module):
     """The callable the loop (or the sampler) sees for one model.
 
@@ -245,11 +249,32 @@ class DeepSpeedStrategy(Strategy):
         # and `backward` below runs the engine's one backward (and reduction) explicitly.
         # (A G phase with a penalty on G, StyleGAN2's path length, calls no D: G is the bare one.)
         self._bare = trained if double_backward else (other if trained == "G" else None)
+        held = self._hold_gathered(trained) if double_backward and self.zero_stage == 3 else None
         try:
             with super().phase(trained, sync):
                 yield
         finally:
             self._bare = None
+            if held is not None:
+                self._release_held(trained, held)
+
+    def _hold_gathered(self, name: str) -> list:
+        """ZeRO-3 in a penalty phase: the outer backward runs through the inner backward's graph,
+        which no module hook sees, after the hooks have released the parameters it needs (with one
+        D forward, lazy R1 alone, it failed: 'expected stride to be a single integer value'). As
+        with FSDP, the model's parameters stay gathered for the phase: ZeRO-3 releases a parameter
+        only when no sub-module holds it, and the phase holds them all until it ends."""
+        params = list(self.raw[name].parameters())
+        for p in params:
+            p.ds_active_sub_modules.add(_PHASE_HOLD)
+        return params
+
+    def _release_held(self, name: str, params: list) -> None:
+        """Every parameter released (each is fetched again by the next forward that uses it)."""
+        for p in params:
+            p.ds_active_sub_modules.discard(_PHASE_HOLD)
+        coordinator = self.engines[name].optimizer.parameter_offload.get_param_coordinator()
+        coordinator.release_and_reset_all(self.raw[name])
 
     def input_grad(self, output: torch.Tensor, inputs: torch.Tensor, trained: str) -> torch.Tensor:
         """As `Strategy.input_grad`, with the engine's own fp16 loss scale."""

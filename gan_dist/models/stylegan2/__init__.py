@@ -8,7 +8,7 @@ Greg phase with path-length regularisation (docs/models.md).
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -117,8 +117,9 @@ class PathLength:
     all-reduce of one number), so it is the same on every rank and equal to one process's
     with the whole batch."""
 
-    def __init__(self, z_dim: int, n_ws: int, mixing: float, weight: float, decay: float, shrink: int) -> None:
-        self.z_dim, self.n_ws, self.mixing = z_dim, n_ws, mixing
+    def __init__(self, z_dim: int, w_dim: int, n_ws: int, mixing: float, weight: float, decay: float,
+                 shrink: int) -> None:
+        self.z_dim, self.w_dim, self.n_ws, self.mixing = z_dim, w_dim, n_ws, mixing
         self.weight, self.decay, self.shrink = weight, decay, shrink
         self.mean = torch.zeros(())
 
@@ -137,11 +138,13 @@ class PathLength:
         seeds = tuple(rng.mix(int(s), _PL) for s in batch.g_inputs["noise_seeds"][::self.shrink])
         z = rng.randn_by_index(0, _PL_Z, seeds, (self.z_dim,), device)
         c = batch.fake_c[::self.shrink] if batch.fake_c is not None else None
-        img, ws = strategy.G(z, c, return_ws=True, **inputs_from_seeds(seeds, self.z_dim, self.n_ws,
-                                                                         self.mixing, device))
+        # the Jacobian by w is taken through a zero input added to w: G's own output w would be a
+        # copy under wrappers that hook module outputs (ZeRO-3) or cast them (bf16 engines)
+        delta = torch.zeros(len(seeds), self.n_ws, self.w_dim, device=device, requires_grad=True)
+        img = strategy.G(z, c, ws_delta=delta, **inputs_from_seeds(seeds, self.z_dim, self.n_ws, self.mixing, device))
         H, W = img.shape[2], img.shape[3]
         y = rng.randn_by_index(0, _PL_NOISE, seeds, tuple(img.shape[1:]), device) / math.sqrt(H * W)
-        grad = strategy.input_grad((img * y.to(img.dtype)).sum(), ws, "G").float()
+        grad = strategy.input_grad((img * y.to(img.dtype)).sum(), delta, "G").float()
         lengths = grad.square().sum(dim=2).mean(dim=1).sqrt()
         local_mean = lengths.mean()
         mean = self.mean.to(device).lerp(all_reduce_mean(local_mean.detach()), self.decay)
@@ -177,7 +180,7 @@ def spec(model_cfg: Any) -> ModelSpec:
         if sg.pl_weight == 0:
             return []
         k = sg.pl_every
-        term = PathLength(sg.z_dim, n_ws, sg.style_mixing, sg.pl_weight, sg.pl_decay, sg.pl_batch_shrink)
+        term = PathLength(sg.z_dim, sg.w_dim, n_ws, sg.style_mixing, sg.pl_weight, sg.pl_decay, sg.pl_batch_shrink)
         return [(Phase("Greg", "G", ("pl",), every=k, weight=float(k), second_order=True), {"pl": term})]
 
     return ModelSpec(

@@ -155,7 +155,8 @@ class SynthesisLayer(nn.Module):
         self.resolution, self.up, self.layer_index, self.conv_clamp = resolution, up, layer_index, conv_clamp
         self.affine = FullyConnected(w_dim, in_channels, bias_init=1.0)
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, 3, 3))
-        self.noise_strength = nn.Parameter(torch.empty(()))
+        # shape [1], not the reference's scalar: FSDP2 cannot shard a 0-dim parameter
+        self.noise_strength = nn.Parameter(torch.empty(1))
         self.bias = nn.Parameter(torch.empty(out_channels))
         self.register_buffer("noise_const", torch.empty(resolution, resolution))
         self.fir = FIRFilter() if up else None
@@ -172,8 +173,10 @@ class SynthesisLayer(nn.Module):
         N, R = x.shape[0], self.resolution
         if noise_mode == "none":
             return None
+        if noise_mode not in ("random", "const"):
+            raise ValueError(f"noise_mode={noise_mode!r} is not one of: random, const, none")
         if noise_mode == "const":
-            return (self.noise_const.to(x.dtype) * self.noise_strength.to(x.dtype))[None, None]
+            return self.noise_const.to(x.dtype)[None, None] * self.noise_strength.to(x.dtype)
         if noise_seeds is None:
             n = torch.randn(N, 1, R, R, device=x.device)
         else:
@@ -295,8 +298,11 @@ class Generator(nn.Module):
     """G(z, c) -> images in about [-1, 1]. Training passes per-sample draws (gan_dist.rng):
     `mix_z`/`mix_cutoff` (style mixing: the w of `mix_z` from layer `mix_cutoff` on; a cutoff of
     num_ws mixes nothing) and `noise_seeds` (one integer per sample for every noise input).
-    Without them there is no mixing and the noise is drawn from torch's global RNG (the
-    reference's noise_mode='random'); noise_mode='const' uses the stored noise buffers."""
+    Without them there is no mixing, and the noise follows `noise_mode`: by default 'random'
+    (torch's global RNG) in training mode and 'const' (the stored noise buffers, as the
+    reference's generate.py) in eval mode, so that a sample is a function of its z only; 'none'
+    adds no noise. `ws_delta` ([N, num_ws, w_dim], zeros) is added to the w of every layer: an
+    input to take the images' Jacobian by (path length), whatever wrapper holds G."""
 
     def __init__(self, z_dim: int, w_dim: int, resolution: int, img_channels: int, mapping_layers: int = 8,
                  channel_base: int = 32768, channel_max: int = 512, conv_clamp: Optional[float] = None,
@@ -305,17 +311,22 @@ class Generator(nn.Module):
         self.z_dim, self.w_dim, self.resolution, self.img_channels = z_dim, w_dim, resolution, img_channels
         self.synthesis = SynthesisNetwork(w_dim, resolution, img_channels, channel_base, channel_max, conv_clamp)
         self.num_ws = self.synthesis.num_ws
+        self.nz = z_dim  # the latent size samplers read (gan_dist.generate)
         self.mapping = MappingNetwork(z_dim, w_dim, self.num_ws, mapping_layers, mapping_lr_mult, w_avg_beta)
 
     def forward(self, z: torch.Tensor, c: Optional[torch.Tensor] = None, mix_z: Optional[torch.Tensor] = None,
                 mix_cutoff: Optional[torch.Tensor] = None, noise_seeds: Optional[Sequence[int]] = None,
-                noise_mode: str = "random", truncation_psi: float = 1.0, truncation_cutoff: Optional[int] = None,
-                return_ws: bool = False):
+                noise_mode: Optional[str] = None, truncation_psi: float = 1.0, truncation_cutoff: Optional[int] = None,
+                ws_delta: Optional[torch.Tensor] = None, return_ws: bool = False):
         ws = self.mapping(z, truncation_psi, truncation_cutoff)
         if mix_z is not None:
             ws2 = self.mapping(mix_z, truncation_psi, truncation_cutoff, update_w_avg=False)
             later = torch.arange(self.num_ws, device=ws.device)[None, :] >= mix_cutoff.to(ws.device)[:, None]
             ws = torch.where(later[..., None], ws2, ws)
+        if ws_delta is not None:  # zeros to differentiate the images by: d img / d delta = d img / d w
+            ws = ws + ws_delta.to(ws.dtype)
+        if noise_mode is None:
+            noise_mode = "random" if self.training or noise_seeds is not None else "const"
         img = self.synthesis(ws, noise_seeds, noise_mode)
         return (img, ws) if return_ws else img
 
