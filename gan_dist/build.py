@@ -2,7 +2,7 @@
 the benchmarks and the tests take."""
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
@@ -25,13 +25,30 @@ def setup_models(strategy: Any, cfg: Any, seed: Optional[int] = None,
     return recipe, spec, counts
 
 
+def fake_labels(seed: int, num_classes: int, index: Sequence[int], device: torch.device,
+                class_counts: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """The class of each fake, a function of (seed, global sample index): uniform over the
+    classes, or with `class_counts` (train.fake_labels=data) drawn with the data's frequencies."""
+    if class_counts is None:
+        return rng.randint_by_index(seed, rng.FAKE_LABELS, index, num_classes, device)
+    cumulative = torch.tensor(list(class_counts), dtype=torch.long).cumsum(0)
+    sample = rng.randint_by_index(seed, rng.FAKE_LABELS, index, int(cumulative[-1]))  # one of the data's samples
+    return torch.searchsorted(cumulative, sample, right=True).to(device, non_blocking=True)
+
+
+RealBatch = Union[torch.Tensor, tuple[torch.Tensor, Optional[torch.Tensor]]]
+
+
 def step_batches(cfg: Any, spec: ModelSpec, step: int, rank: int, world_size: int,
-                 next_real: Callable[[], torch.Tensor], device: torch.device) -> list[list[Batch]]:
+                 next_real: Callable[[], RealBatch], device: torch.device,
+                 class_counts: Optional[Sequence[int]] = None) -> list[list[Batch]]:
     """One rank's micro-batches of iteration `step` (0-based): [D update][micro-batch].
 
     The latent of each fake is a function of (run.seed, global sample index) only (gan_dist.rng):
     within an update, sample k of micro-batch m of rank r has position (r * accum + m) * b + k,
-    so N processes with batch b draw the latents that one process with batch N * b draws."""
+    so N processes with batch b draw the latents that one process with batch N * b draws; so is
+    the class of each fake of a conditional model (`fake_labels`). `next_real` gives the real
+    images, or (images, labels) for a conditional model."""
     t = cfg.train
     b = t.batch_size
     per_update = b * t.grad_accum * world_size
@@ -43,6 +60,11 @@ def step_batches(cfg: Any, spec: ModelSpec, step: int, rank: int, world_size: in
             lo = base + (rank * t.grad_accum + m) * b
             index = range(lo, lo + b)
             z = rng.randn_by_index(cfg.run.seed, rng.Z, index, (spec.z_dim,), device)
-            micro.append(Batch(real=next_real(), z=z, g_inputs=spec.draw_g_inputs(cfg.run.seed, index, device)))
+            real = next_real()
+            real, real_c = real if isinstance(real, tuple) else (real, None)
+            fake_c = (fake_labels(cfg.run.seed, spec.num_classes, index, device, class_counts)
+                      if spec.num_classes else None)
+            micro.append(Batch(real=real, z=z, real_c=real_c if spec.num_classes else None, fake_c=fake_c,
+                               g_inputs=spec.draw_g_inputs(cfg.run.seed, index, device), index=index))
         out.append(micro)
     return out

@@ -53,6 +53,8 @@ class TrainConfig:
     ckpt_dir: Optional[str] = None  # unset: <run.dir>/checkpoints; every rank must see it
     resume: Optional[str] = None  # a checkpoint or run directory, used when run.dir has no checkpoint yet
     max_nonfinite: int = 20  # consecutive steps with NaN/Inf loss or gradient before the run stops
+    # labels of the fakes of a conditional model: uniform over the classes, or the data's class frequencies
+    fake_labels: str = "uniform"  # uniform | data
 
 
 @dataclass
@@ -100,7 +102,8 @@ class ModelConfig:
     arch: str = "dcgan"  # the family: its settings are the section of the same name
     resolution: Any = "auto"  # image side in pixels; auto: from the data (its manifest or first sample)
     channels: Any = "auto"  # 1 | 3 | auto (from the data)
-    num_classes: int = 0  # 0: unconditional
+    # classes of a conditional model; 0: unconditional; auto: from the data (manifest, else a label scan)
+    num_classes: Any = 0
     dcgan: DCGANConfig = field(default_factory=DCGANConfig)
     stylegan2: StyleGAN2Config = field(default_factory=StyleGAN2Config)
     r3gan: R3GANConfig = field(default_factory=R3GANConfig)
@@ -197,6 +200,7 @@ CHOICES = {
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.matmul_conv": ("auto", "always", "never"),
     "train.loss": ("nonsaturating", "minimax", "hinge", "rpgan"),
+    "train.fake_labels": ("uniform", "data"),
     "model.channels": (1, 3, "auto"),
     "model.dcgan.norm": ("batch", "none"),
     "data.mode": ("epoch", "stream"),
@@ -215,7 +219,7 @@ POSITIVE = ("train.steps", "train.batch_size", "train.grad_accum", "train.d_step
             "data.shuffle_buffer",
             "data.prefetch_factor", "eval.num_samples", "eval.batch_size", "eval.kid_subsets",
             "eval.kid_subset_size")
-NON_NEGATIVE = ("run.threads", "data.num_workers", "eval.every", "eval.reference_images", "model.num_classes")
+NON_NEGATIVE = ("run.threads", "data.num_workers", "eval.every", "eval.reference_images")
 
 
 def _get(cfg: Any, dotted: str) -> Any:
@@ -250,7 +254,10 @@ def validate(cfg: Config) -> None:
     res = cfg.model.resolution
     if res != "auto" and (isinstance(res, bool) or not isinstance(res, int) or res <= 0):
         raise ConfigError(f"model.resolution={res!r} must be a positive integer or auto (from the data)")
-    if "auto" not in (res, cfg.model.channels):
+    k = cfg.model.num_classes
+    if k != "auto" and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
+        raise ConfigError(f"model.num_classes={k!r} must be an integer >= 0 (0: unconditional) or auto (from the data)")
+    if "auto" not in (res, cfg.model.channels, k):
         from gan_dist.models import model_spec
         model_spec(cfg.model)  # the family checks its own settings
     if not 0 <= cfg.data.max_skip_fraction <= 1:

@@ -9,6 +9,13 @@ kept an EMA, which is then used unless --no-ema), a generator .pt file next to i
 config.yaml, or a training checkpoint (a `step*` directory, or a run directory holding only
 checkpoints/). Launched with several processes, each rank makes its share of the N samples;
 sample i is the same image whatever the number of processes.
+
+A conditional generator (model.num_classes > 0) draws class `i % num_classes` for sample i,
+or only `--class K`; its grid has one row per class (the N images split evenly over the rows),
+and its shards carry each image's class as `.cls`.
+
+    python -m gan_dist.generate --ckpt RUN --n 100 --out grid.png             # 10 rows: digits 0-9
+    python -m gan_dist.generate --ckpt RUN --n 64 --class 3 --out threes.png
 """
 from __future__ import annotations
 
@@ -161,32 +168,60 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return ((images.float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
+class Classes:
+    """The class of each sample of a conditional generator: `fixed` for all, else i // per_row
+    (a grid with one row per class) or i % num_classes."""
+
+    def __init__(self, num_classes: int, fixed: Optional[int] = None, per_row: Optional[int] = None) -> None:
+        self.num_classes, self.fixed, self.per_row = num_classes, fixed, per_row
+
+    def __call__(self, lo: int, hi: int) -> Optional[torch.Tensor]:
+        if not self.num_classes:
+            return None
+        i = torch.arange(lo, hi)
+        if self.fixed is not None:
+            return torch.full_like(i, self.fixed)
+        return (i // self.per_row) % self.num_classes if self.per_row else i % self.num_classes
+
+
 @torch.no_grad()
-def generate_range(G: nn.Module, start: int, end: int, seed: int, batch_size: int, device: torch.device):
+def generate_range(G: nn.Module, start: int, end: int, seed: int, batch_size: int, device: torch.device,
+                   classes: Optional[Classes] = None):
     """Yield (first index, images in [-1, 1]) for samples [start, end), batch by batch."""
     from gan_dist.metrics.shares import latents
 
     for lo in range(start, end, batch_size):
         hi = min(end, lo + batch_size)
-        yield lo, G(latents(lo, hi, G.nz, seed).to(device)).float()
+        c = classes(lo, hi) if classes is not None else None
+        yield lo, G(latents(lo, hi, G.nz, seed).to(device), None if c is None else c.to(device)).float()
 
 
 def write_grid(G: nn.Module, n: int, out: Path, seed: int, batch_size: int, device: torch.device,
-               image_shape: tuple[int, int, int]) -> None:
-    """All N images gathered on rank 0 into one grid PNG."""
+               image_shape: tuple[int, int, int], classes: Optional[Classes] = None) -> None:
+    """All N images gathered on rank 0 into one grid PNG (one row per class for a conditional
+    generator without --class)."""
     from gan_dist import distributed as gdist
     from gan_dist.runlog import save_grid
     from gan_dist.metrics.shares import gather_rows, share, share_counts
 
     start, end = share(n, gdist.rank(), gdist.world_size())
-    parts = [x.cpu() for _, x in generate_range(G, start, end, seed, batch_size, device)]
+    parts = [x.cpu() for _, x in generate_range(G, start, end, seed, batch_size, device, classes)]
     mine = torch.cat(parts) if parts else torch.empty(0, *image_shape)
     images = gather_rows(mine, share_counts(n, gdist.world_size()))
-    if images is not None:
+    if images is None:
+        return
+    if classes is not None and classes.per_row:
+        import torchvision.utils as vutils
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        vutils.save_image(vutils.make_grid(images.float(), nrow=classes.per_row, padding=2, normalize=True,
+                                           value_range=(-1, 1)), str(out))
+    else:
         save_grid(images, out)
 
 
-def write_pngs(G: nn.Module, n: int, out: Path, seed: int, batch_size: int, device: torch.device) -> int:
+def write_pngs(G: nn.Module, n: int, out: Path, seed: int, batch_size: int, device: torch.device,
+               classes: Optional[Classes] = None) -> int:
     """This rank's share as out/{index}.png; returns how many it wrote."""
     from PIL import Image
 
@@ -196,14 +231,14 @@ def write_pngs(G: nn.Module, n: int, out: Path, seed: int, batch_size: int, devi
     start, end = share(n, gdist.rank(), gdist.world_size())
     width = max(6, len(str(n - 1)))
     out.mkdir(parents=True, exist_ok=True)
-    for lo, images in generate_range(G, start, end, seed, batch_size, device):
+    for lo, images in generate_range(G, start, end, seed, batch_size, device, classes):
         for i, arr in enumerate(to_uint8(images).numpy()):
             Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(out / f"{lo + i:0{width}d}.png")
     return end - start
 
 
 def write_shards(G: nn.Module, n: int, out: Path, seed: int, batch_size: int, device: torch.device,
-                 shard_size: int, meta: dict) -> Optional[Path]:
+                 shard_size: int, meta: dict, classes: Optional[Classes] = None) -> Optional[Path]:
     """This rank's share as `{stem}-{rank}-{k}.tar` shards; rank 0 writes manifest.json for all."""
     from gan_dist import distributed as gdist
     from gan_dist.data.writer import ShardSink, encode, write_manifest
@@ -214,9 +249,13 @@ def write_shards(G: nn.Module, n: int, out: Path, seed: int, batch_size: int, de
     out.parent.mkdir(parents=True, exist_ok=True)
     sink = ShardSink(out.parent, f"{out.stem}-{rank:05d}", max_count=shard_size)
     width = max(8, len(str(n - 1)))
-    for lo, images in generate_range(G, start, end, seed, batch_size, device):
+    for lo, images in generate_range(G, start, end, seed, batch_size, device, classes):
+        labels = classes(lo, lo + len(images)) if classes is not None else None
         for i, arr in enumerate(to_uint8(images).numpy()):
-            sink.write(f"{lo + i:0{width}d}", {"png": encode(arr, "png")})
+            members = {"png": encode(arr, "png")}
+            if labels is not None:
+                members["cls"] = str(int(labels[i])).encode()
+            sink.write(f"{lo + i:0{width}d}", members)
     mine = sink.close()
     entries = gdist.all_gather_object(mine)
     if rank != 0:
@@ -243,6 +282,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="latent seed: sample i is the same for every process count")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--shard-size", type=int, default=10_000, help="images per shard (name.tar output)")
+    p.add_argument("--class", dest="cls", type=int, default=None, metavar="K",
+                   help="a conditional generator: every image of class K (default: class i %% num_classes "
+                        "for image i; a grid has one row per class)")
     add_weights_args(p)
     args = p.parse_args(argv)
     if args.n < 1:
@@ -261,19 +303,31 @@ def main(argv: Optional[list[str]] = None) -> int:
         loaded = load_generator(args.ckpt, args.ema, info.device)
         kind = output_kind(args.out)
         out = Path(args.out)
+        K = int(loaded.cfg.model.num_classes or 0)
+        if args.cls is not None and not K:
+            raise UsageError(f"--class {args.cls}: the generator of {args.ckpt!r} is unconditional "
+                             "(model.num_classes=0)")
+        if args.cls is not None and not 0 <= args.cls < K:
+            raise UsageError(f"--class {args.cls}: the generator has classes 0 to {K - 1} (model.num_classes={K})")
+        per_row = -(-args.n // K) if K and kind == "grid" and args.cls is None else None
+        classes = Classes(K, args.cls, per_row) if K else None
         if kind == "grid":
             m = loaded.cfg.model
             write_grid(loaded.G, args.n, out, args.seed, args.batch_size, info.device,
-                       (m.channels, m.resolution, m.resolution))
+                       (m.channels, m.resolution, m.resolution), classes)
         elif kind == "dir":
-            write_pngs(loaded.G, args.n, out, args.seed, args.batch_size, info.device)
+            write_pngs(loaded.G, args.n, out, args.seed, args.batch_size, info.device, classes)
         else:
             meta = {"resolution": loaded.cfg.model.resolution, "channels": loaded.cfg.model.channels,
-                    "source": {"ckpt": loaded.source, "ema": loaded.ema, "seed": args.seed, "n": args.n}}
-            write_shards(loaded.G, args.n, out, args.seed, args.batch_size, info.device, args.shard_size, meta)
+                    "source": {"ckpt": loaded.source, "ema": loaded.ema, "seed": args.seed, "n": args.n,
+                               "class": args.cls}}
+            if K:
+                meta.update(num_classes=K, labelled=args.n)
+            write_shards(loaded.G, args.n, out, args.seed, args.batch_size, info.device, args.shard_size, meta,
+                         classes)
         gdist.barrier()
         if info.is_main:
-            print(json.dumps({"out": str(out), "kind": kind, "n": args.n, "weights": loaded.source,
+            print(json.dumps({"out": str(out), "kind": kind, "n": args.n, "class": args.cls, "weights": loaded.source,
                               "ema": loaded.ema, "step": loaded.step, "world_size": info.world_size}))
 
     return run_cli("gan_dist.generate", body)

@@ -23,12 +23,14 @@ from gan_dist.recipe import Phase, Recipe, squared_grad_norm
 class Batch:
     """One micro-batch of one rank: real images and their labels, the latents and labels of
     the fakes (labels None for an unconditional model), and the family's other per-sample
-    inputs of G (`ModelSpec.draw_g_inputs`), passed to G as keyword arguments."""
+    inputs of G (`ModelSpec.draw_g_inputs`), passed to G as keyword arguments. `index`: the
+    samples' global indices (what per-sample random draws are keyed by)."""
     real: torch.Tensor
     z: torch.Tensor
     real_c: Optional[torch.Tensor] = None
     fake_c: Optional[torch.Tensor] = None
     g_inputs: dict[str, Any] = field(default_factory=dict)
+    index: Sequence[int] = ()
 
     def fake(self, G: Any) -> torch.Tensor:
         return G(self.z, self.fake_c, **self.g_inputs)

@@ -20,7 +20,7 @@ import torch
 from gan_dist import distributed as gdist
 from gan_dist.schedules import Schedules
 from gan_dist.atomic import save_torch_atomic, write_text_atomic
-from gan_dist.checkpoint import FORMAT, Checkpointer, rng_state, set_rng_state
+from gan_dist.checkpoint import CHECKPOINTS_DIR, FORMAT, GENERATOR_FILE, Checkpointer, rng_state, set_rng_state
 from gan_dist.config import Config, ConfigError, to_dict, to_yaml, validate
 from gan_dist.data import DataError, make_loader, shared_shards
 from gan_dist.distributed import DistInfo
@@ -61,20 +61,28 @@ def default_run_dir() -> str:
 
 
 def resolve_data_shape(cfg: Config, urls: list[str], is_main: bool) -> dict[str, Any]:
-    """Fill `model.channels` / `model.resolution` given as `auto` from the data (its manifest, else
-    its first sample), and check explicit values against it. Collective: the main rank reads the
-    data and every rank gets the answer (or the same DataError). Returns what run_info.json records."""
-    from gan_dist.data.shape import data_shape
+    """Fill `model.channels` / `model.resolution` / `model.num_classes` given as `auto` from the
+    data (its manifest, else its first sample, else a scan of the labels), and check explicit
+    values against it. Collective: the main rank reads the data and every rank gets the answer
+    (or the same DataError). Returns what run_info.json records (with `class_counts` when
+    train.fake_labels=data)."""
+    from gan_dist.data.shape import class_counts, data_shape
 
+    k = cfg.model.num_classes
     result: Any = None
     if is_main:
         try:
-            result = data_shape(urls, scan_labels=False)
+            result = data_shape(urls, scan_labels=k != 0)
+            if k != 0 and cfg.train.fake_labels == "data":
+                result = (result, class_counts(urls))
         except DataError as exc:
             result = exc
     result = gdist.broadcast_object(result)
     if isinstance(result, DataError):
         raise DataError(str(result))
+    counts = None
+    if isinstance(result, tuple):
+        result, counts = result
     used: dict[str, Any] = {"auto": []}
     for key, found in (("channels", result.channels), ("resolution", result.resolution)):
         value = getattr(cfg.model, key)
@@ -86,6 +94,21 @@ def resolve_data_shape(cfg: Config, urls: list[str], is_main: bool) -> dict[str,
             raise ConfigError(f"model.{key}={value} but the data is {what} ({result.origin}): "
                               f"set model.{key}={found} or model.{key}=auto")
         used[key] = found
+    if k != 0:
+        found = result.num_classes or 0
+        if found == 0:
+            raise DataError(f"model.num_classes={k}: the shards ({result.origin}) carry no class labels (.cls); "
+                            "use labelled shards (python -m gan_dist.shards writes the class folders as labels) "
+                            "or model.num_classes=0")
+        if k == "auto":
+            cfg.model.num_classes = found
+            used["auto"].append("num_classes")
+        elif k < found:
+            raise ConfigError(f"model.num_classes={k} but the data has labels up to {found - 1} ({result.origin}): "
+                              f"set model.num_classes={found} or model.num_classes=auto")
+        used["num_classes"] = cfg.model.num_classes
+        if counts is not None:
+            used["class_counts"] = counts + [0] * (cfg.model.num_classes - len(counts))
     validate(cfg)  # the family checks the shape it now has (e.g. DCGAN: 32 or 64 px)
     return {**used, "source": result.source, "origin": result.origin}
 
@@ -114,16 +137,25 @@ class Trainer:
         self.data_summary: Optional[dict] = None  # all ranks' data counts, as of the last log
         from gan_dist.metrics.evaluation import training_evaluator
         self.evaluator = training_evaluator(cfg, self.urls, self.device, info.is_main)
+        self.class_eval = None  # a conditional model's per-class metrics (intra-class FD, digits accuracy)
+        if self.evaluator is not None and cfg.model.num_classes and "main" in self.evaluator.extractors:
+            from gan_dist.metrics.conditional import class_evaluator
+            self.class_eval = class_evaluator(cfg, self.urls, self.evaluator.extractors["main"],
+                                              cfg.model.num_classes, self.evaluator.nz)
         self.last_eval: Optional[dict] = None
         self.fixed_noise = torch.randn(NUM_SAMPLES, self.spec.z_dim,
                                        generator=torch.Generator().manual_seed(cfg.run.seed)).to(self.device)
+        # a conditional model's grid: one class per row of 8 (classes 0-7 of more)
+        K = self.spec.num_classes
+        self.fixed_labels = (torch.arange(NUM_SAMPLES, device=self.device) // 8) % K if K else None
+        self.class_counts = self.data_shape.get("class_counts")  # train.fake_labels=data
         self.step = 0
         self.images_seen = 0
         t = cfg.train
         self.images_per_step = t.batch_size * t.grad_accum * t.d_steps * info.world_size
         self.guard = NonFiniteGuard(self.strategy)
         FaultInjector.install(self)  # test-only: replaces next_batches when GAN_DIST_INJECT_NAN is set
-        self.ckpt = Checkpointer(Path(t.ckpt_dir) if t.ckpt_dir else self.run_dir / "checkpoints",
+        self.ckpt = Checkpointer(Path(t.ckpt_dir) if t.ckpt_dir else self.run_dir / CHECKPOINTS_DIR,
                                  t.keep_ckpts, info)
         self.last_saved_step: Optional[int] = None
         self.resumed_from = self.maybe_resume()
@@ -134,8 +166,9 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------
     def next_batches(self) -> list[list[Batch]]:
+        next_real = self.data.next_labelled if self.spec.num_classes else (lambda: next(self.data))
         return step_batches(self.cfg, self.spec, self.step, self.info.rank, self.info.world_size,
-                            lambda: next(self.data), self.device)
+                            next_real, self.device, self.class_counts)
 
     def fit(self) -> int:
         """Train up to train.steps (a total: a resumed run continues). Returns the exit code:
@@ -239,7 +272,7 @@ class Trainer:
             "data": self.data.state_dict(),
             "skipped_updates": dict(self.strategy.skipped_updates),  # as this rank counted them
         }
-        exports = {"generator.pt": self.strategy.full_state_dict("G")}  # collective; rank 0's is full
+        exports = {GENERATOR_FILE: self.strategy.full_state_dict("G")}  # collective; rank 0's is full
         path = self.ckpt.save(self.step, self.strategy, trainer_state, rank_state, to_yaml(self.cfg), exports)
         self.last_saved_step = self.step
         return path
@@ -286,14 +319,17 @@ class Trainer:
             raise
 
     @torch.no_grad()
-    def samples(self, z: torch.Tensor) -> torch.Tensor:
-        """G(z) in eval mode. Called on every rank: a sharded G needs all of them."""
+    def samples(self, z: torch.Tensor, c: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """G(z, c) in eval mode (c: the classes of a conditional model; None: uniform over them,
+        drawn from the latents' own generator state). Called on every rank: a sharded G needs all of them."""
         G = self.strategy.sample_module("G")
         was_training = G.training
         G.eval()
+        if c is None and self.spec.num_classes:
+            c = torch.arange(z.shape[0], device=z.device) % self.spec.num_classes
         try:
             with self.strategy.autocast():
-                return G(z).float()
+                return G(z, c).float()
         finally:
             G.train(was_training)
 
@@ -303,7 +339,7 @@ class Trainer:
 
     def sample_grid(self, path: Path) -> None:
         with self.ema_weights():
-            images = self.samples(self.fixed_noise)
+            images = self.samples(self.fixed_noise, self.fixed_labels)
         self.logger.images(self.step, "samples", images, path)
 
     def evaluate(self) -> None:
@@ -314,9 +350,11 @@ class Trainer:
         self.strategy.sync_buffers()  # every rank's share from the same BatchNorm statistics
         with self.ema_weights():
             result = self.evaluator.run(self.samples, self.device)
+            if self.class_eval is not None:
+                result = {**result, **self.class_eval.run(self.samples, self.device)}
         result = {"step": self.step, "kimg": self.images_seen / 1000.0, **result}
         self.last_eval = result
-        keys = self.evaluator.metric_keys
+        keys = self.evaluator.metric_keys + (["intra_fd", "class_accuracy"] if self.class_eval is not None else [])
         self.logger.scalars(self.step, {f"metrics/{k}": result[k] for k in keys if k in result})
         if self.info.is_main:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
@@ -359,7 +397,7 @@ class Trainer:
             for name, state in outputs.items():
                 save_torch_atomic(state, self.run_dir / name)
         with self.ema_weights():
-            final = self.samples(self.fixed_noise)
+            final = self.samples(self.fixed_noise, self.fixed_labels)
         if self.info.is_main:
             save_grid(final, self.run_dir / "samples.png")
         self.write_run_info("finished")

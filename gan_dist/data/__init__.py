@@ -35,7 +35,7 @@ def shared_shards(cfg: Any, is_main: bool, broadcast: Callable[[Any], Any]) -> S
 def make_loader(cfg: Any, shards: ShardSet, rank: int, world_size: int, device: torch.device) -> ShardLoader:
     """This rank's loader of the run config's data section."""
     return build_loader(shards, cfg.data, cfg.model.channels, cfg.model.resolution, cfg.train.batch_size,
-                        cfg.run.seed, rank, world_size, device)
+                        cfg.run.seed, rank, world_size, device, num_classes=cfg.model.num_classes)
 
 
 __all__ = ["Batch", "DataError", "DataShape", "ShardLoader", "ShardSet", "build_loader", "data_shape",

@@ -23,7 +23,8 @@ RAW_EXT = "npy"
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 # Which member of a sample is the image: the cheapest to decode first.
 SAMPLE_IMAGE_EXTS = (RAW_EXT,) + IMAGE_EXTS
-REASONS = ("corrupt", "wrong_size", "wrong_mode", "no_image", "truncated", "unreadable", "empty", "uncounted")
+REASONS = ("corrupt", "wrong_size", "wrong_mode", "no_image", "truncated", "unreadable", "empty", "uncounted",
+           "no_label", "bad_label")
 REASON_TEXT = {
     "corrupt": "corrupt image bytes",
     "wrong_size": "wrong image size",
@@ -33,6 +34,8 @@ REASON_TEXT = {
     "unreadable": "shard could not be opened",
     "empty": "empty shard",
     "uncounted": "sample beyond the shard's counted length",
+    "no_label": "no .cls label (the model is conditional)",
+    "bad_label": ".cls label that is not a class index",
 }
 
 
@@ -128,3 +131,18 @@ def decode_sample(members: dict[str, Optional[bytes]], channels: int, resolution
         return np.broadcast_to(img, (3, h, w))
     names = {1: "grayscale", 2: "grayscale+alpha", 3: "RGB", 4: "RGBA or CMYK"}
     raise BadSample("wrong_mode", f"{names.get(c, f'{c}-channel')} image for model.channels={channels}")
+
+
+def decode_label(members: dict[str, Optional[bytes]]) -> int:
+    """The sample's class index from its `.cls` member; BadSample when it has none or it is not
+    a non-negative integer (never a silent label 0)."""
+    data = members.get("cls")
+    if data is None:
+        raise BadSample("no_label", "no .cls member, but the model is conditional")
+    try:
+        label = int(data.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        label = -1
+    if label < 0:
+        raise BadSample("bad_label", f".cls is not a class index (a non-negative integer): {data[:20]!r}")
+    return label

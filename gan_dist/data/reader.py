@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from gan_dist.data.decode import BadSample, decode_sample, preload
+from gan_dist.data.decode import BadSample, decode_label, decode_sample, preload
 from gan_dist.data.index import DataError, ShardSet
 from gan_dist.data.plan import (Range, batches_per_epoch, epoch_ranges, flip_bit, shuffle_seed,
                                 stream_ranges)
@@ -59,6 +59,7 @@ class ReaderSpec:
     resolution: int
     shuffle_buffer: int
     flip: bool
+    num_classes: int = 0  # > 0: each sample's `.cls` label travels with it (a conditional model)
 
     @property
     def slots(self) -> int:
@@ -76,6 +77,7 @@ class Batch:
     images: torch.Tensor  # (B, C, R, R) float in [-1, 1] on the device
     keys: list[str]
     padded: torch.Tensor  # (B,) bool: a repeat that fills an epoch's last batch
+    labels: Optional[torch.Tensor] = None  # (B,) int64 class indices on the device (conditional models)
 
 
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
@@ -169,23 +171,33 @@ class SlotReader:
         yield from buf
 
     def _decode(self, item: tuple[int, str, dict], epoch: int, pass_: int, pos: int,
-                count: bool) -> Optional[np.ndarray]:
-        shard, _, members = item
+                count: bool) -> Optional[tuple[np.ndarray, int]]:
+        """(image, label) of a sample (label -1 for an unconditional model), None when it is bad."""
+        shard, key, members = item
+        label = -1
         try:
             img = decode_sample(members, self.spec.channels, self.spec.resolution)
+            if self.spec.num_classes:
+                label = decode_label(members)
         except BadSample as bad:
             if count:
                 self.tally.skip(shard, bad.reason)
             return None
+        if label >= self.spec.num_classes > 0:
+            raise DataError(f"data: sample {key!r} of shard {self.spec.urls[shard]!r} has label {label}, but "
+                            f"model.num_classes={self.spec.num_classes}: set model.num_classes={label + 1} "
+                            "or more (or auto: from the data)")
         if count:
             self.tally.good(shard)
         if self.spec.flip and flip_bit(self.spec.seed, epoch, self.slot, pass_, pos):
             img = img[..., ::-1]
-        return img
+        return img, label
 
-    def _batch(self, imgs: list[np.ndarray], keys: list[str], pads: list[bool],
+    def _batch(self, imgs: list[tuple[np.ndarray, int]], keys: list[str], pads: list[bool],
                state: tuple[int, int, int]) -> dict[str, Any]:
-        return {"images": torch.from_numpy(np.stack(imgs)), "keys": keys, "padded": torch.tensor(pads, dtype=torch.bool),
+        return {"images": torch.from_numpy(np.stack([i for i, _ in imgs])), "keys": keys,
+                "labels": torch.tensor([c for _, c in imgs], dtype=torch.long) if self.spec.num_classes else None,
+                "padded": torch.tensor(pads, dtype=torch.bool),
                 "worker": self.worker, "state": list(state), "tally": self.tally.take()}
 
     # ---- epoch mode -------------------------------------------------------------------------
@@ -207,7 +219,7 @@ class SlotReader:
                 passes.next()
             self.tally.enabled = True
             passes.watch()
-            imgs: list[np.ndarray] = []
+            imgs: list[tuple[np.ndarray, int]] = []
             keys: list[str] = []
             pads: list[bool] = []
             while emitted < target:
@@ -237,7 +249,7 @@ class SlotReader:
     # ---- stream mode ------------------------------------------------------------------------
     def _stream_batches(self, epoch: int, pos: int) -> Iterator[dict[str, Any]]:
         spec = self.spec
-        imgs: list[np.ndarray] = []
+        imgs: list[tuple[np.ndarray, int]] = []
         keys: list[str] = []
         empty_epochs = 0
         while True:
@@ -393,11 +405,18 @@ class ShardLoader:
         self.batches += 1
         self.stats_.add(raw["tally"])
         images = to_unit_range(raw["images"].to(self.device, non_blocking=True))
+        labels = raw.get("labels")
+        labels = labels.to(self.device, non_blocking=True) if labels is not None else None
         self.wait_s += time.perf_counter() - started
-        return Batch(images, raw["keys"], raw["padded"])
+        return Batch(images, raw["keys"], raw["padded"], labels)
 
     def __next__(self) -> torch.Tensor:
         return self.next_batch().images
+
+    def next_labelled(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(images, labels) of the next batch; labels None for an unconditional model."""
+        batch = self.next_batch()
+        return batch.images, batch.labels
 
     def __iter__(self) -> "ShardLoader":
         return self
@@ -510,7 +529,8 @@ def check_compatible(shards: ShardSet, channels: int, resolution: int) -> None:
 
 def build_loader(shards: ShardSet, data_cfg: Any, channels: int, resolution: int, batch_size: int,
                  seed: int, rank: int, world_size: int, device: torch.device,
-                 log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> ShardLoader:
+                 log: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
+                 num_classes: int = 0) -> ShardLoader:
     """The loader of `data.*` for this rank; every rank raises the same DataError if it cannot work."""
     check_compatible(shards, channels, resolution)
     workers = max(1, data_cfg.num_workers)
@@ -531,7 +551,7 @@ def build_loader(shards: ShardSet, data_cfg: Any, channels: int, resolution: int
     spec = ReaderSpec(urls=tuple(shards.urls), counts=counts, mode=data_cfg.mode,
                       remainder=data_cfg.epoch_remainder, seed=seed, rank=rank, world_size=world_size,
                       workers=workers, batch_size=batch_size, channels=channels, resolution=resolution,
-                      shuffle_buffer=data_cfg.shuffle_buffer, flip=data_cfg.flip)
+                      shuffle_buffer=data_cfg.shuffle_buffer, flip=data_cfg.flip, num_classes=num_classes)
     if data_cfg.mode == "epoch" and rank == 0:
         per_epoch = spec.batches_per_epoch * batch_size * spec.slots
         diff = per_epoch - sum(counts)  # type: ignore[arg-type]

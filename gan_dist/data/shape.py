@@ -144,9 +144,15 @@ def _checked(shape: tuple[int, ...], where: str) -> tuple[int, int, str]:
 
 
 def _scan_labels(urls: Sequence[str]) -> int:
-    """max `.cls` label + 1 over all shards (0 without labels), reading no image bytes.
-    A shard that ends early is scanned as far as it goes (the reader counts what it lost)."""
-    top = -1
+    """max `.cls` label + 1 over all shards (0 without labels), reading no image bytes."""
+    return len(class_counts(urls))
+
+
+def class_counts(urls: Sequence[str]) -> list[int]:
+    """Samples per class (index: the `.cls` label) over all shards, reading no image bytes; []
+    without labels. A shard that ends early is scanned as far as it goes (the reader counts
+    what it lost)."""
+    counts: dict[int, int] = {}
     for url in urls:
         try:
             stream = open_shard(url)
@@ -165,10 +171,10 @@ def _scan_labels(urls: Sequence[str]) -> int:
                     if label < 0:
                         raise DataError(f"data: {name!r} in shard {url!r} is not a class index "
                                         f"(a non-negative integer): {data[:20]!r}")
-                    top = max(top, label)
+                    counts[label] = counts.get(label, 0) + 1
         except (TarError, EOFError, OSError):
             continue
-    return top + 1
+    return [counts.get(k, 0) for k in range(max(counts) + 1)] if counts else []
 
 
-__all__ = ["DataShape", "data_shape"]
+__all__ = ["DataShape", "class_counts", "data_shape"]

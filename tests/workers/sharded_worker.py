@@ -174,6 +174,9 @@ def main() -> None:
                    help="stylegan2: tiny widths, style mixing and noise drawn per sample, lazy path length")
     p.add_argument("--pl-every", type=int, default=2, help="model.stylegan2.pl_every")
     p.add_argument("--pl-weight", type=float, default=2.0, help="model.stylegan2.pl_weight (0: no Greg)")
+    p.add_argument("--num-classes", type=int, default=0, help="model.num_classes: labelled batches, conditional G and D")
+    p.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+                   help="another config override, e.g. augment.kind=ada")
     p.add_argument("--count-iter", type=int, default=-1, help="log the collectives of this iteration")
     p.add_argument("--save-at", type=int, default=0, help="save a checkpoint after this many iterations")
     p.add_argument("--ckpt", default=None, help="checkpoint directory to save into (or load from)")
@@ -193,6 +196,7 @@ def main() -> None:
     if args.model == "stylegan2":
         overrides += ["model.arch=stylegan2", *STYLEGAN2_TINY, f"model.stylegan2.pl_every={args.pl_every}",
                       f"model.stylegan2.pl_weight={args.pl_weight}"]
+    overrides += [f"model.num_classes={args.num_classes}", *args.extra]
     if args.zero_stage is not None:
         overrides.append(f"parallel.deepspeed.zero_stage={args.zero_stage}")
     if args.ds_config is not None:
@@ -224,11 +228,12 @@ def main() -> None:
         first = args.save_at
     d_grads_in_g_phase = []
     for it in range(args.iters):
-        batches = rank_batches(gen, args.global_batch, args.d_steps, args.accum, r, W, spec.z_dim)
+        batches = rank_batches(gen, args.global_batch, args.d_steps, args.accum, r, W, spec.z_dim, args.num_classes)
         for j, micro in enumerate(batches):  # G's other per-sample inputs, by global sample index
             for m, b in enumerate(micro):
                 lo = (it * args.d_steps + j) * args.global_batch + (r * args.accum + m) * len(b.z)
                 b.g_inputs = spec.draw_g_inputs(cfg.run.seed, range(lo, lo + len(b.z)), b.z.device)
+                b.index = range(lo, lo + len(b.z))  # what the augmentation's draws are keyed by
         if it < first:
             continue  # the resumed run skips the batches the saved run already used
         log.active = it == args.count_iter
@@ -252,6 +257,7 @@ def main() -> None:
            "skipped": dict(strategy.skipped_updates),
            "collectives": log.calls, "collectives_by_update": log.by_update,
            "d_grads_in_g_phase": d_grads_in_g_phase,
+           "recipe_state": recipe.state_dict(),  # e.g. ADA's p
            "param_dtypes": sorted({str(p.dtype) for n in ("G", "D") for p in strategy.raw[n].parameters()})}
     torch.save(out, args.out)
     strategy.close()
