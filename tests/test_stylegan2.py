@@ -160,7 +160,12 @@ def test_truncation_pulls_toward_the_tracked_average(tiny):
         assert torch.equal(G.mapping.w_avg, avg)  # not in eval mode
         torch.testing.assert_close(G.mapping(z, truncation_psi=0.0), avg.expand_as(w))
         torch.testing.assert_close(G.mapping(z, truncation_psi=0.7), avg + 0.7 * (w - avg))
+        G.truncation_psi = 0.0  # the default of G's forward (generate --truncation)
+        images = G(z[:4])
+        assert torch.allclose(images, images[:1].expand_as(images), atol=1e-6)  # every w is the average
+        assert not torch.allclose(G(z[:4], truncation_psi=1.0), images)
     finally:
+        G.truncation_psi = 1.0
         G.train()
 
 

@@ -312,12 +312,16 @@ class Generator(nn.Module):
         self.synthesis = SynthesisNetwork(w_dim, resolution, img_channels, channel_base, channel_max, conv_clamp)
         self.num_ws = self.synthesis.num_ws
         self.nz = z_dim  # the latent size samplers read (gan_dist.generate)
+        self.truncation_psi = 1.0  # the default of forward's truncation_psi (generate --truncation sets it)
         self.mapping = MappingNetwork(z_dim, w_dim, self.num_ws, mapping_layers, mapping_lr_mult, w_avg_beta)
 
     def forward(self, z: torch.Tensor, c: Optional[torch.Tensor] = None, mix_z: Optional[torch.Tensor] = None,
                 mix_cutoff: Optional[torch.Tensor] = None, noise_seeds: Optional[Sequence[int]] = None,
-                noise_mode: Optional[str] = None, truncation_psi: float = 1.0, truncation_cutoff: Optional[int] = None,
+                noise_mode: Optional[str] = None, truncation_psi: Optional[float] = None,
+                truncation_cutoff: Optional[int] = None,
                 ws_delta: Optional[torch.Tensor] = None, return_ws: bool = False):
+        if truncation_psi is None:
+            truncation_psi = self.truncation_psi
         ws = self.mapping(z, truncation_psi, truncation_cutoff)
         if mix_z is not None:
             ws2 = self.mapping(mix_z, truncation_psi, truncation_cutoff, update_w_avg=False)
