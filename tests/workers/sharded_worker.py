@@ -170,7 +170,7 @@ def main() -> None:
     p.add_argument("--r2", type=float, default=0.0, help="reg.r2_gamma")
     p.add_argument("--d-every", type=int, default=1, help="reg.d_every")
     p.add_argument("--matmul-conv", default="auto")
-    p.add_argument("--model", choices=["dcgan", "stylegan2"], default="dcgan",
+    p.add_argument("--model", choices=["dcgan", "stylegan2", "r3gan"], default="dcgan",
                    help="stylegan2: tiny widths, style mixing and noise drawn per sample, lazy path length")
     p.add_argument("--pl-every", type=int, default=2, help="model.stylegan2.pl_every")
     p.add_argument("--pl-weight", type=float, default=2.0, help="model.stylegan2.pl_weight (0: no Greg)")
@@ -196,6 +196,8 @@ def main() -> None:
     if args.model == "stylegan2":
         overrides += ["model.arch=stylegan2", *STYLEGAN2_TINY, f"model.stylegan2.pl_every={args.pl_every}",
                       f"model.stylegan2.pl_weight={args.pl_weight}"]
+    if args.model == "r3gan":  # tiny widths: 16 channels, 4 groups, one block per stage (32x32, 1 channel)
+        overrides += ["model.arch=r3gan", "model.r3gan.preset=tiny"]
     overrides += [f"model.num_classes={args.num_classes}", *args.extra]
     if args.zero_stage is not None:
         overrides.append(f"parallel.deepspeed.zero_stage={args.zero_stage}")

@@ -1,0 +1,192 @@
+"""R3GAN (model.arch=r3gan): the reference's sizes, every preset's recipe on a CPU, and exact
+distributed training with R1 + R2 in every D step under every strategy."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gan_dist.build import setup_models, step_batches
+from gan_dist.config import ConfigError, load_config
+from gan_dist.distributed import DistInfo
+from gan_dist.loop import train_step
+from gan_dist.models import build_models, model_spec
+from gan_dist.models.r3gan import PRESETS
+from gan_dist.parallel import build_strategy
+from gan_dist.schedules import Schedules
+from tests._mp import REPO
+
+INFO = DistInfo(0, 1, 0, 1, 0, torch.device("cpu"), None, "python")
+RESOLUTION = {"cifar10": 32, "ffhq64": 64, "ffhq256": 256, "imagenet32": 32, "imagenet64": 64}
+
+
+# ---- sizes ------------------------------------------------------------------------------------
+def block_params(c: int, groups: int, e: int, k: int = 3) -> int:
+    """1x1 c -> e*c, grouped kxk e*c -> e*c, 1x1 e*c -> c (no biases), two activation biases."""
+    inner = e * c
+    return c * inner + inner * (inner // groups) * k * k + inner * c + 2 * inner
+
+
+def expected_counts(widths, cards, blocks, e, z, channels=3, classes=0) -> dict[str, int]:
+    """G and D's parameters from the architecture: bases, blocks, width changes, image layers, embeddings."""
+    stages = sum(n * block_params(w, g, e) for w, g, n in zip(widths, cards, blocks))
+    changes = sum(a * b for a, b in zip(widths, widths[1:]) if a != b)  # one 1x1 per width change
+    g_embed = z if classes else 0
+    G = (widths[0] * 16 + (z + g_embed) * widths[0]  # 4x4 basis and the linear map of [z, embed(c)]
+         + stages + changes + widths[-1] * channels + classes * g_embed)
+    d_out = widths[0] if classes else 1  # D's 4x4 stage: depthwise 4x4, linear to the logit (or embedding)
+    D = (channels * widths[-1] + stages + changes + widths[0] * 16 + widths[0] * d_out + classes * d_out)
+    return {"G": G, "D": D}
+
+
+# brownvc/R3GAN at 19a7ddf463fbac2bd39b4c1c73d63f1c441c7403: sum of parameters of
+# training.networks.Generator / Discriminator built with train.py's preset arguments
+# (c_dim 0, or 10 with its ConditionEmbeddingDimension), counted in a separate process
+REFERENCE = {("cifar10", 0): {"G": 20732160, "D": 20683776},
+             ("cifar10", 10): {"G": 20781952, "D": 21280512},
+             ("ffhq256", 0): {"G": 23057952, "D": 23009568}}
+
+
+def r3gan_cfg(preset: str, *more: str):
+    return load_config(None, ["model.arch=r3gan", f"model.r3gan.preset={preset}",
+                              f"model.resolution={RESOLUTION.get(preset, 32)}", "model.channels=3", *more])
+
+
+@pytest.mark.parametrize("preset,classes", list(REFERENCE))
+def test_sizes_follow_the_architecture_and_equal_the_reference(preset, classes):
+    cfg = r3gan_cfg(preset, f"model.num_classes={classes}")
+    spec = model_spec(cfg.model)
+    got = spec.param_counts(spec.make_generator(), spec.make_discriminator())
+    p = PRESETS[preset]
+    assert got == expected_counts(p.widths, p.cardinalities, p.blocks, p.expansion, p.z_dim, 3, classes)
+    assert got == REFERENCE[(preset, classes)]
+
+
+def test_overrides_change_the_sizes_as_the_formula_says():
+    cfg = r3gan_cfg("tiny", "model.r3gan.widths=[32,16,16,8]", "model.r3gan.cardinalities=[8,4,4,2]",
+                    "model.r3gan.blocks=[1,2,0,1]", "model.r3gan.expansion=3", "model.channels=1")
+    G, D = build_models(cfg.model, seed=0)
+    counts = {"G": sum(p.numel() for p in G.parameters()), "D": sum(p.numel() for p in D.parameters())}
+    assert counts == expected_counts([32, 16, 16, 8], [8, 4, 4, 2], [1, 2, 0, 1], 3, 16, channels=1)
+    assert G(torch.randn(2, 16)).shape == (2, 1, 32, 32)
+    assert D(torch.randn(2, 1, 32, 32)).shape == (2,)
+
+
+def test_bad_settings_name_the_key():
+    with pytest.raises(ConfigError, match="cifar10, ffhq64, ffhq256, imagenet32, imagenet64, tiny"):
+        r3gan_cfg("ffhq1024")
+    with pytest.raises(ConfigError, match="model.resolution=64.*32x32"):
+        load_config(None, ["model.arch=r3gan", "model.r3gan.preset=cifar10", "model.resolution=64", "model.channels=3"])
+    with pytest.raises(ConfigError, match="model.r3gan.cardinalities"):
+        r3gan_cfg("tiny", "model.r3gan.cardinalities=[5,4,4,4]")
+
+
+# ---- initialisation and resampling -------------------------------------------------------------
+def test_blocks_start_as_the_identity_and_activations_keep_their_scale():
+    """Fix-up init: every block's last layer is zero, so G(z) at init is the basis through the
+    resamplers and 1x1 layers only; the variance-scaled gains keep the first block's output
+    of order one (no normalisation anywhere)."""
+    cfg = r3gan_cfg("cifar10")
+    G, D = build_models(cfg.model, seed=0)
+    projections = [m.project.weight for m in G.modules() if hasattr(m, "project")]
+    assert projections and all(bool((w == 0).all()) for w in projections)
+    with torch.no_grad():
+        x = torch.randn(2, 3, 32, 32)
+        h = D.from_image(x)
+        block = D.stages[0].layers[0]
+        inner = block.act2(block.grouped(block.act1(block.expand(h))))
+        assert 0.2 < inner.std().item() < 5, inner.std()
+        assert torch.isfinite(D(x)).all() and torch.isfinite(G(torch.randn(2, 64))).all()
+
+
+def test_fir_resampling_interpolates():
+    """Upsampling a constant gives the constant (away from the border); down(up(x)) of a smooth
+    image is close to x; the 4x4 kernel is [1, 3, 3, 1] / 8 in each direction."""
+    from gan_dist.models.r3gan.networks import Resample, lowpass_kernel
+
+    k = lowpass_kernel([1, 2, 1])
+    row = torch.tensor([1.0, 3.0, 3.0, 1.0]) / 8
+    torch.testing.assert_close(k, torch.outer(row, row))
+    up, down = Resample([1, 2, 1], up=True), Resample([1, 2, 1], up=False)
+    ones = torch.ones(1, 2, 8, 8)
+    torch.testing.assert_close(up(ones)[..., 2:-2, 2:-2], torch.ones(1, 2, 12, 12))
+    torch.testing.assert_close(down(ones)[..., 1:-1, 1:-1], torch.ones(1, 2, 2, 2))
+    grid = torch.linspace(0, 1, 16)
+    smooth = torch.sin(3 * grid)[None, None, :, None] * torch.cos(2 * grid)[None, None, None, :]
+    back = down(up(smooth))
+    assert (back - smooth)[..., 2:-2, 2:-2].abs().max() < 0.02
+
+
+# ---- every preset's recipe starts on a CPU --------------------------------------------------------
+@pytest.mark.parametrize("preset", list(RESOLUTION))
+def test_every_preset_config_trains_on_a_cpu(preset):
+    """configs/r3gan_<preset>.yaml at its full widths: a step at batch 1 with the rpgan loss,
+    R1 + R2 in the D step and the scheduled values applied; finite losses, both models move."""
+    cfg = load_config(REPO / "configs" / f"r3gan_{preset}.yaml", ["train.batch_size=1", "parallel.strategy=none"])
+    assert cfg.train.loss == "rpgan" and cfg.reg.d_every == 1 and cfg.train.precision == "bf16"
+    strategy = build_strategy(INFO, cfg)
+    schedules = Schedules(cfg)
+    recipe, spec, _ = setup_models(strategy, schedules.initial)
+    assert [p.terms for p in recipe.phases] == [("adv", "r1", "r2"), ("adv",)]
+    before = {n: [p.detach().clone() for p in strategy.raw[n].parameters()] for n in ("G", "D")}
+    R = cfg.model.resolution
+    for step in range(1):
+        schedules.apply(strategy, recipe, None, step)
+        batches = step_batches(cfg, spec, step, 0, 1, lambda: torch.rand(1, 3, R, R) * 2 - 1, torch.device("cpu"))
+        stats = train_step(strategy, recipe, batches, step)
+        assert all(math.isfinite(v.item()) for v in stats.values()), stats
+    assert recipe.gammas["r1"] == schedules.in_force["reg.r1_gamma"] > 0
+    for n in ("G", "D"):
+        assert any(not torch.equal(a, b) for a, b in zip(before[n], strategy.raw[n].parameters())), n
+    strategy.close()
+
+
+# ---- every strategy, exactly --------------------------------------------------------------------
+from tests.test_recipe_exact import STRATEGIES, assert_each_update_reduces_its_model_once, job  # noqa: E402
+
+# tiny widths (tests/workers/sharded_worker.py --model r3gan), the rpgan loss, R1 + R2 in every D step
+R3GAN_PLAIN = ("--model", "r3gan", "--global-batch", "8", "--iters", "3", "--count-iter", "0",
+               "--d-every", "1", "--loss", "rpgan")
+R3GAN_EVERY_STEP = (*R3GAN_PLAIN, "--r1", "2", "--r2", "2")
+
+
+def init_weights() -> dict:
+    cfg = load_config(None, ["model.arch=r3gan", "model.r3gan.preset=tiny", "model.resolution=32", "model.channels=1"])
+    G, D = build_models(cfg.model, seed=3)
+    return {"G": G.state_dict(), "D": D.state_dict()}
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    init, moved = init_weights(), 0.0
+    for model in ("G", "D"):
+        assert a[model].keys() == b[model].keys()
+        for key, value in a[model].items():
+            torch.testing.assert_close(value, b[model][key], rtol=1e-5, atol=1e-6, msg=lambda m: f"{model}.{key}: {m}")
+            moved = max(moved, (value - init[model][key]).abs().max().item())
+    assert moved > 5e-4, "training did not change the weights: the comparison would prove nothing"
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> dict:
+    """One process with the whole batch of 8."""
+    return job(tmp_path_factory.mktemp("r3gan-one"), "one", 1, "--strategy", "none", *R3GAN_EVERY_STEP)[0]
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("name", [n for n in STRATEGIES if n != "zero3_all"])
+def test_two_processes_equal_one_with_twice_the_batch_and_reduce_once(tmp_path, one_process, name):
+    r0, r1 = job(tmp_path, name, 2, *STRATEGIES[name], *R3GAN_EVERY_STEP)
+    assert_same_weights(r0, one_process)
+    for r in (r0, r1):
+        assert_each_update_reduces_its_model_once(r, d_updates=1)  # R1 and R2 ride in Dmain
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(900)
+def test_penalties_change_the_r3gan_weights(tmp_path, one_process):
+    """The comparison above would prove nothing if R1 and R2 had no effect."""
+    plain = job(tmp_path, "plain", 1, "--strategy", "none", *R3GAN_PLAIN)[0]
+    diff = max((plain["D"][k] - one_process["D"][k]).abs().max().item() for k in plain["D"])
+    assert diff > 1e-4, f"R1/R2 hardly changed D ({diff})"
