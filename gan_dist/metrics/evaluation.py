@@ -164,11 +164,13 @@ def reference_cache_paths(source: ImageSource, identity: str, n: int) -> list[Pa
 
 def _agreed(fn: Callable[[], Any]) -> Any:
     """fn() computed on rank 0 and shared; an error there is raised on every rank (no hang)."""
+    from gan_dist.data import DataError
+
     value, error = None, None
     if gdist.rank() == 0:
         try:
             value = fn()
-        except (SourceError, ConfigError, OSError) as exc:
+        except (SourceError, ConfigError, DataError, OSError) as exc:
             error = (type(exc).__name__, str(exc))
     value, error = gdist.broadcast_object((value, error))
     if error is not None:
