@@ -99,6 +99,7 @@ def test_more_nodes_than_the_partition_has_is_refused_at_submission(slurm_cluste
     assert "submission failed" in r.stderr.lower(), r.stderr  # SLURM says why (nodes/processors)
 
 
+@pytest.mark.timeout(600)  # 200 steps in two runs plus a requeue: minutes on a busy 2-core machine
 def test_usr1_checkpoints_requeues_and_the_second_run_resumes(slurm_cluster, tmp_path):
     """What happens near the time limit (--signal=B:USR1@N): checkpoint, requeue, resume."""
     steps = 200
@@ -114,7 +115,7 @@ def test_usr1_checkpoints_requeues_and_the_second_run_resumes(slurm_cluster, tmp
         time.sleep(0.5)
     time.sleep(4)  # some steps into training
     signal_batch(job, "USR1", env=env)
-    state = wait_job(job, timeout=240, env=env)
+    state = wait_job(job, timeout=540, env=env)
     out = job_output(job, env=env)
     assert state == "COMPLETED", out
     assert int(job_info(job, env=env)["Restarts"]) == 1, out
