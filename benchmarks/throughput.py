@@ -89,6 +89,10 @@ RECIPES = {
     "hinge": ["train.loss=hinge"],
     "r1": ["reg.r1_gamma=1", "reg.d_every=1"],  # R1 in every step's Dmain backward
     "r1-lazy16": ["reg.r1_gamma=1", "reg.d_every=16"],  # StyleGAN2's lazy R1: a Dreg phase every 16 steps
+    # every D call's images augmented (real and fake, D and G phases); ADA at p = 0.5 (every op
+    # drawn, about half applied) so that its cost is that of a run well into its adaptation
+    "diffaugment": ["augment.kind=diffaugment"],
+    "ada": ["augment.kind=ada", "augment.p=0.5"],
 }
 
 

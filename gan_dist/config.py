@@ -185,6 +185,19 @@ class EvalConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Differentiable augmentation of every image D sees, real and fake (docs/recipes.md)."""
+    kind: str = "none"  # none | diffaugment | ada
+    policy: str = "color,translation,cutout"  # diffaugment: comma-separated, applied in this order
+    pipeline: str = "bgc"  # ada: b (blit), g (geometric), c (color), combined as in "bgc"
+    p: Optional[float] = None  # ada: a fixed probability; null: adjusted toward `target`
+    target: float = 0.6  # ada: the wanted E[sign(D(x_real))]
+    interval: int = 4  # ada: steps between adjustments of p
+    kimg: float = 500.0  # ada: thousands of real images for p to move from 0 to 1
+    p_init: float = 0.0  # ada: p at the start of an adaptive run
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -194,6 +207,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 CHOICES = {
@@ -257,6 +271,8 @@ def validate(cfg: Config) -> None:
     k = cfg.model.num_classes
     if k != "auto" and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
         raise ConfigError(f"model.num_classes={k!r} must be an integer >= 0 (0: unconditional) or auto (from the data)")
+    from gan_dist.augment import validate as validate_augment
+    validate_augment(cfg.augment)  # augment.kind, policy, pipeline, target, p
     if "auto" not in (res, cfg.model.channels, k):
         from gan_dist.models import model_spec
         model_spec(cfg.model)  # the family checks its own settings

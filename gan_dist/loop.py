@@ -5,7 +5,8 @@
     Gmain                         D frozen, D(G(z))                  -> one backward -> step G
 
 The strategy decides how gradients travel between ranks; this file only says what each phase
-computes and when an update ends. Each model's gradients are reduced once per update, on the
+computes and when an update ends. With an augmentation (`recipe.augment`) every D call of a
+phase goes through it, real and fake images alike. Each model's gradients are reduced once per update, on the
 last micro-batch, and a phase that trains G computes no gradient of D.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ class Batch:
     """One micro-batch of one rank: real images and their labels, the latents and labels of
     the fakes (labels None for an unconditional model), and the family's other per-sample
     inputs of G (`ModelSpec.draw_g_inputs`), passed to G as keyword arguments. `index`: the
-    samples' global indices (what per-sample random draws are keyed by)."""
+    samples' global indices (what the augmentation's per-sample draws are keyed by)."""
     real: torch.Tensor
     z: torch.Tensor
     real_c: Optional[torch.Tensor] = None
@@ -37,13 +38,14 @@ class Batch:
 
 
 def d_terms(strategy: Strategy, recipe: Recipe, phase: Phase, b: Batch,
-            fake: Optional[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            fake: Optional[torch.Tensor], D: Any = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss of a D phase on one micro-batch: the adversarial term and/or the penalties.
 
     One forward of D per input: a penalised input requires grad, and the adversarial term
     reads the same logits. A penalty-only phase adds `logits * 0` so that every parameter of D
-    takes part in the backward (DDP waits for all of them)."""
-    D, terms = strategy.D, phase.terms
+    takes part in the backward (DDP waits for all of them). `D`: D as the phase calls it
+    (behind the augmentation); the penalties differentiate w.r.t. the images handed to it."""
+    D, terms = D or strategy.D, phase.terms
     real = b.real.detach().requires_grad_("r1" in terms)
     real_logits = D(real, b.real_c) if "adv" in terms or "r1" in terms else None
     fake_logits = None
@@ -51,6 +53,8 @@ def d_terms(strategy: Strategy, recipe: Recipe, phase: Phase, b: Batch,
         fake = fake.detach().requires_grad_("r2" in terms)
         fake_logits = D(fake, b.fake_c)
     if "adv" in terms:
+        if phase.name == "Dmain" and recipe.augment is not None:
+            recipe.augment.observe(real_logits)  # ADA's overfitting heuristic
         loss, stats = recipe.loss.d_loss(real_logits, fake_logits)
         stats["loss/D"] = loss.detach()
     else:
@@ -89,6 +93,7 @@ def train_step(strategy: Strategy, recipe: Recipe, batches: Sequence[Sequence[Ba
         for u, micro_batches in enumerate(updates):
             last = u == len(updates) - 1
             for i, b in enumerate(micro_batches):
+                D = strategy.D if recipe.augment is None else recipe.augment.wrap(strategy.D, step, phase.name, b.index)
                 with strategy.phase(phase.trains, sync=i == n_micro - 1, double_backward=phase.double_backward):
                     with strategy.autocast():
                         if phase.trains == "D":
@@ -97,7 +102,7 @@ def train_step(strategy: Strategy, recipe: Recipe, batches: Sequence[Sequence[Ba
                                 # (1) the fakes of a D update; kept with their graph for Gmain
                                 with torch.set_grad_enabled(phase.name == "Dmain" and last and reuse_fake):
                                     fake = b.fake(G)
-                            loss, values = d_terms(strategy, recipe, phase, b, fake)
+                            loss, values = d_terms(strategy, recipe, phase, b, fake, D)
                         elif "adv" in phase.terms:
                             # (2) the G update: D frozen, no gradient of D computed or reduced
                             if not reuse_fake:
@@ -115,4 +120,6 @@ def train_step(strategy: Strategy, recipe: Recipe, batches: Sequence[Sequence[Ba
                 if last:
                     record(values)
             strategy.step(phase.trains)
+    if recipe.augment is not None:
+        stats.update(recipe.augment.end_step(step))  # ADA: p adjusted every augment.interval steps
     return stats

@@ -22,6 +22,8 @@ MASK = (1 << 64) - 1
 Z, FAKE_LABELS = 1, 2
 # StyleGAN2: one seed per sample, from which its style mixing, noise inputs and path-length draws derive
 STYLEGAN2 = 3
+# augmentation (gan_dist/augment): each D call's per-sample parameters, keyed also by step and call
+AUGMENT = 4
 
 
 def mix(*values: int) -> int:

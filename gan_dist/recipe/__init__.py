@@ -48,14 +48,21 @@ class Recipe:
     # a family's own loss terms by name, called as term(strategy, batch) -> (loss, stats); a term
     # with state (a running mean) has state_dict/load_state_dict and is checkpointed with the run
     terms: dict[str, Any] = field(default_factory=dict)
+    # what every image D sees goes through (gan_dist.augment, augment.kind); None: nothing
+    augment: Any = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {n: t.state_dict() for n, t in self.terms.items() if hasattr(t, "state_dict")}
+        state = {n: t.state_dict() for n, t in self.terms.items() if hasattr(t, "state_dict")}
+        if self.augment is not None:
+            state["augment"] = self.augment.state_dict()  # ADA's p
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for n, t in self.terms.items():
             if hasattr(t, "load_state_dict") and n in state:
                 t.load_state_dict(state[n])
+        if self.augment is not None and "augment" in state:
+            self.augment.load_state_dict(state["augment"])
 
     def due(self, step: int) -> list[Phase]:
         return [p for p in self.phases if p.due(step)]
@@ -80,7 +87,9 @@ def build_recipe(cfg: Any, spec: Any = None) -> Recipe:
     for phase, phase_terms in (spec.extra_phases(cfg) if spec is not None else []):
         phases.append(phase)
         terms.update(phase_terms)
-    return Recipe(build_loss(cfg.train.loss), tuple(phases), gammas, terms)
+    from gan_dist.augment import build_augment
+    augment = build_augment(cfg) if hasattr(cfg, "augment") else None
+    return Recipe(build_loss(cfg.train.loss), tuple(phases), gammas, terms, augment)
 
 
 __all__ = ["LOSSES", "Loss", "PENALTIES", "Phase", "Recipe", "build_loss", "build_recipe", "squared_grad_norm"]

@@ -1,0 +1,173 @@
+"""ADA's augmentation pipeline (Karras et al. 2020, "bgc"), differentiable, each op applied with
+probability p per sample.
+
+    b  x-flip, 90-degree rotations, integer translation (up to 1/8 of the side)
+    g  isotropic scaling (lognormal, std 0.2 octaves), rotation (uniform; applied before and
+       after the anisotropic scaling with probability 1 - sqrt(1 - p) each, so that some
+       rotation happens with probability p), anisotropic scaling (std 0.2 octaves),
+       fractional translation (normal, std 1/8 of the side)
+    c  brightness (+ N(0, 0.2)), contrast (x 2^N(0, 0.5)), luma flip, hue rotation (uniform
+       about the luma axis), saturation (x 2^N(0, 1) off the luma axis)
+
+The geometric ops compose into one 2x3 matrix per sample (output -> input coordinates, in
+grid_sample's [-1, 1] convention) and the images are resampled once, bilinearly, with
+reflection padding; the colour ops compose into one 4x4 matrix per sample. A grayscale image
+gets the brightness and contrast part of the colour matrix (its mean gain and offset), as in
+the reference. Unlike the reference, which upsamples with a wavelet filter before resampling,
+the geometric resampling is plain bilinear: cheaper, slightly softer. Both steps are linear in
+the images, so gradients of any order w.r.t. the un-augmented images exist (R1 through an
+augmented D).
+
+The per-sample numbers come in fixed columns (`U_*`, `N_*`), so choosing a subset of the
+pipeline never changes the draws of the ops that remain.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+PIPELINES = {"b": ("xflip", "rotate90", "xint"), "g": ("scale", "rotate", "aniso", "xfrac"),
+             "c": ("brightness", "contrast", "lumaflip", "hue", "saturation")}
+# uniform columns: (apply, value[, value]) per op; normal columns: values
+U = {"xflip": (0, 1), "rotate90": (2, 3), "xint": (4, 5, 6), "scale": (7,), "rotate_pre": (8, 9),
+     "aniso": (10,), "rotate_post": (11, 12), "xfrac": (13,), "brightness": (14,), "contrast": (15,),
+     "lumaflip": (16, 17), "hue": (18, 19), "saturation": (20,)}
+N = {"scale": 0, "aniso": 1, "xfrac": (2, 3), "brightness": 4, "contrast": 5, "saturation": 6}
+N_UNIFORM, N_NORMAL = 21, 7
+XINT_MAX, SCALE_STD, ANISO_STD, XFRAC_STD = 0.125, 0.2, 0.2, 0.125
+BRIGHTNESS_STD, CONTRAST_STD, SATURATION_STD = 0.2, 0.5, 1.0
+
+
+def ops_of(pipeline: str) -> tuple[str, ...]:
+    return tuple(op for letter in pipeline for op in PIPELINES[letter])
+
+
+def _eye(n: int, batch: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.eye(n, device=like.device, dtype=like.dtype).expand(batch, n, n).clone()
+
+
+def _mat3(a, b, c, d, e, f) -> torch.Tensor:
+    """(N, 3, 3) [[a, b, c], [d, e, f], [0, 0, 1]] from (N,) tensors."""
+    zero, one = torch.zeros_like(a), torch.ones_like(a)
+    return torch.stack([a, b, c, d, e, f, zero, zero, one], dim=1).view(-1, 3, 3)
+
+
+def _scale(sx, sy):
+    z = torch.zeros_like(sx)
+    return _mat3(sx, z, z, z, sy, z)
+
+
+def _translate(tx, ty):
+    one, z = torch.ones_like(tx), torch.zeros_like(tx)
+    return _mat3(one, z, tx, z, one, ty)
+
+
+def _rotate(theta):
+    c, s, z = torch.cos(theta), torch.sin(theta), torch.zeros_like(theta)
+    return _mat3(c, -s, z, s, c, z)
+
+
+def geometric_matrix(ops: tuple[str, ...], u: torch.Tensor, n: torch.Tensor, p: torch.Tensor,
+                     size: tuple[int, int]) -> torch.Tensor:
+    """(N, 3, 3) output -> input coordinates in [-1, 1] of the geometric ops in `ops`."""
+    B, (H, W) = u.shape[0], size
+    G = _eye(3, B, u)
+
+    def on(op: str, prob: torch.Tensor = p) -> torch.Tensor:
+        return (u[:, U[op][0]] < prob).to(u.dtype)
+
+    if "xflip" in ops:
+        flip = torch.floor(u[:, U["xflip"][1]] * 2) * on("xflip")
+        G = G @ _scale(1 - 2 * flip, torch.ones_like(flip))
+    if "rotate90" in ops:
+        k = torch.floor(u[:, U["rotate90"][1]] * 4) * on("rotate90")
+        G = G @ _rotate(-math.pi / 2 * k)
+    if "xint" in ops:
+        m = on("xint")
+        tx = torch.round((u[:, U["xint"][1]] * 2 - 1) * XINT_MAX * W) * m
+        ty = torch.round((u[:, U["xint"][2]] * 2 - 1) * XINT_MAX * H) * m
+        G = G @ _translate(-2 * tx / W, -2 * ty / H)  # pixels -> [-1, 1] units
+    if "scale" in ops:
+        s = torch.exp2(n[:, N["scale"]] * SCALE_STD * on("scale"))
+        G = G @ _scale(1 / s, 1 / s)
+    p_rot = 1 - torch.sqrt((1 - p).clamp(min=0))
+    if "rotate" in ops:
+        theta = (u[:, U["rotate_pre"][1]] * 2 - 1) * math.pi * on("rotate_pre", p_rot)
+        G = G @ _rotate(-theta)
+    if "aniso" in ops:
+        s = torch.exp2(n[:, N["aniso"]] * ANISO_STD * on("aniso"))
+        G = G @ _scale(1 / s, s)
+    if "rotate" in ops:
+        theta = (u[:, U["rotate_post"][1]] * 2 - 1) * math.pi * on("rotate_post", p_rot)
+        G = G @ _rotate(-theta)
+    if "xfrac" in ops:
+        m = on("xfrac")
+        tx, ty = (n[:, c] * XFRAC_STD * m for c in N["xfrac"])
+        G = G @ _translate(-2 * tx, -2 * ty)
+    return G
+
+
+def color_matrix(ops: tuple[str, ...], u: torch.Tensor, n: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """(N, 4, 4) acting on [r, g, b, 1] of the colour ops in `ops`."""
+    B = u.shape[0]
+    C = _eye(4, B, u)
+    I4 = _eye(4, B, u)
+    v = torch.tensor([1.0, 1.0, 1.0, 0.0], device=u.device, dtype=u.dtype) / math.sqrt(3)
+    vv = torch.outer(v, v).expand(B, 4, 4)
+
+    def on(op: str) -> torch.Tensor:
+        return (u[:, U[op][0]] < p).to(u.dtype).view(-1, 1, 1)
+
+    if "brightness" in ops:
+        b = n[:, N["brightness"]] * BRIGHTNESS_STD * on("brightness").view(-1)
+        T = I4.clone()
+        T[:, :3, 3] = b.view(-1, 1).expand(B, 3)
+        C = T @ C
+    if "contrast" in ops:
+        c = torch.exp2(n[:, N["contrast"]] * CONTRAST_STD * on("contrast").view(-1))
+        S = I4 * torch.cat([c.view(-1, 1).expand(B, 3), torch.ones(B, 1, device=u.device, dtype=u.dtype)], 1).unsqueeze(1)
+        C = S @ C
+    if "lumaflip" in ops:
+        i = torch.floor(u[:, U["lumaflip"][1]] * 2).view(-1, 1, 1) * on("lumaflip")
+        C = (I4 - 2 * vv * i) @ C
+    if "hue" in ops:
+        theta = ((u[:, U["hue"][1]] * 2 - 1) * math.pi).view(-1, 1, 1) * on("hue")
+        axis = v[:3]
+        K = torch.tensor([[0.0, -axis[2], axis[1]], [axis[2], 0.0, -axis[0]], [-axis[1], axis[0], 0.0]],
+                         device=u.device, dtype=u.dtype)
+        R = (torch.cos(theta) * torch.eye(3, device=u.device, dtype=u.dtype) + torch.sin(theta) * K
+             + (1 - torch.cos(theta)) * torch.outer(axis, axis))
+        H = I4.clone()
+        H[:, :3, :3] = R
+        C = H @ C
+    if "saturation" in ops:
+        s = torch.exp2(n[:, N["saturation"]] * SATURATION_STD).view(-1, 1, 1)
+        s = 1 + (s - 1) * on("saturation")
+        C = (vv + (I4 - vv) * s) @ C
+    return C
+
+
+def ada_augment(x: torch.Tensor, u: torch.Tensor, n: torch.Tensor, p: torch.Tensor,
+                ops: tuple[str, ...]) -> torch.Tensor:
+    """x (N, C, H, W) in [-1, 1] through the ops, each applied per sample with probability p."""
+    B, C, H, W = x.shape
+    dtype = x.dtype
+    p = p.to(u.dtype)
+    if any(op in ops for op in PIPELINES["b"] + PIPELINES["g"]):
+        G = geometric_matrix(ops, u, n, p, (H, W))
+        grid = F.affine_grid(G[:, :2, :].to(torch.float32), [B, C, H, W], align_corners=False)
+        x = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    if any(op in ops for op in PIPELINES["c"]):
+        M = color_matrix(ops, u, n, p).to(torch.float32)
+        x = x.float()
+        if C == 3:
+            x = (M[:, :3, :3] @ x.reshape(B, 3, H * W) + M[:, :3, 3:]).reshape(B, 3, H, W)
+        else:  # grayscale: the colour matrix's mean gain and offset (brightness, contrast)
+            gain = M[:, :3, :3].mean(dim=1).sum(dim=1)  # the mean row's response to a gray pixel
+            x = x * gain.view(-1, 1, 1, 1) + M[:, :3, 3].mean(dim=1).view(-1, 1, 1, 1)
+    return x.to(dtype)
+
+
+__all__ = ["N_NORMAL", "N_UNIFORM", "PIPELINES", "ada_augment", "color_matrix", "geometric_matrix", "ops_of"]
