@@ -150,12 +150,11 @@ class ADA(Augment):
 
     def end_step(self, step):
         if not self.fixed and (step + 1) % self.interval == 0:
-            from gan_dist.distributed import all_reduce_mean
+            from gan_dist.distributed import all_reduce_mean, world_size
 
             total = all_reduce_mean(self.signs)  # the same scale for both: their ratio is the global mean
             self.r_t = total[0] / total[1].clamp(min=1)
-            world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-            adjust = torch.sign(self.r_t - self.target) * (total[1] * world) / (self.kimg * 1000)
+            adjust = torch.sign(self.r_t - self.target) * (total[1] * world_size()) / (self.kimg * 1000)
             self.p = (self.p + adjust).clamp(0.0, 1.0)
             self.signs = torch.zeros_like(self.signs)
         return {"augment/p": self.p, "augment/r_t": self.r_t}
