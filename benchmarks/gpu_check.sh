@@ -11,7 +11,9 @@
 #   benchmarks/gpu_check.sh --dry-run    # print the commands only
 #   benchmarks/gpu_check.sh --smoke      # the same commands with tiny settings (runs on a CPU)
 #
-# Environment: PYTHON (default python3), GPU_CHECK_OUT (default benchmarks/results).
+# Environment: PYTHON (default python3), GPU_CHECK_OUT (default benchmarks/results),
+# GPU_CHECK_BUDGET (seconds, default 480): a step never runs past it; steps that find it spent
+# are skipped and listed at the end.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 
@@ -27,7 +29,9 @@ esac
 PYTHON="${PYTHON:-python3}"
 OUT="${GPU_CHECK_OUT:-benchmarks/results}"
 START=$(date +%s)
+BUDGET="${GPU_CHECK_BUDGET:-480}"
 FAILED=()
+SKIPPED=()
 
 if [ "$MODE" = smoke ]; then  # tiny and CPU-friendly: checks that every command and option works
   MODELS="dcgan-32"; COMPILE_MODEL=""; BATCH=4; TIMING=(--warmup 1 --repeats 1 --iters 1)
@@ -61,8 +65,13 @@ step() {
   local name="$1" limit="$2"; shift 2
   say "$name: $*"
   [ "$MODE" = dry ] && return 0
-  local t0 code
+  local t0 code left
   t0=$(date +%s)
+  left=$(( BUDGET - (t0 - START) ))
+  if [ "$left" -lt 20 ]; then
+    say "$name: skipped, the ${BUDGET}s budget is spent"; SKIPPED+=("$name"); return 0
+  fi
+  [ "$limit" -le "$left" ] || limit="$left"
   LOG="$LOGS/${name// /_}.log"
   timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$LOG"
   code=${PIPESTATUS[0]}
@@ -84,26 +93,28 @@ if [ "$MODE" != dry ]; then
   { echo "# tests/test_cuda.py on $GPU ($NGPU GPUs)"; echo; echo '```'; grep -E '^(PASSED|FAILED|SKIPPED|ERROR)| (passed|failed|skipped|error)' "$LOG"; echo '```'; } > "${PREFIX}_tests.md"
 fi
 
-# (b) throughput at one GPU: every model without compile, and the compile rows for one model
+# (b) throughput at one GPU: the headline model and the seed loop first, then its compiled rows,
+# then every other model of benchmarks/common.py (without compile)
+first="${COMPILE_MODEL:-${MODELS%% *}}"
+throughput() {  # MODEL LIMIT SUFFIX ARGS...
+  local model="$1" limit="$2" suffix="$3"; shift 3
+  local tag="${model//-/}${suffix}"
+  step "throughput $model${suffix//_/ }" "$limit" "$PYTHON" benchmarks/throughput.py --model "$model" \
+    --batch-size "$BATCH" "$@" "${TIMING[@]}" --json "${PREFIX}_throughput_${tag}.json" --md "${PREFIX}_throughput_${tag}.md"
+}
+throughput "$first" 120 "" "${SWEEP[@]}"
+step "seed loop $first" 90 "$PYTHON" benchmarks/seed_loop.py --model "$first" --batch-size "$BATCH" \
+  "${SEED_TIMING[@]}" --json "${PREFIX}_seed_loop_${first//-/}.json" --md "${PREFIX}_seed_loop_${first//-/}.md"
+[ -z "$COMPILE_MODEL" ] || throughput "$COMPILE_MODEL" 150 "_compiled" --precision bf16,fp16 --channels-last --compile
 for model in $MODELS; do
-  tag="${model//-/}"
-  step "throughput $model" 120 "$PYTHON" benchmarks/throughput.py --model "$model" --batch-size "$BATCH" \
-    "${SWEEP[@]}" "${TIMING[@]}" --json "${PREFIX}_throughput_${tag}.json" --md "${PREFIX}_throughput_${tag}.md"
+  [ "$model" = "$first" ] || throughput "$model" 90 "" "${SWEEP[@]}"
 done
-if [ -n "$COMPILE_MODEL" ]; then
-  tag="${COMPILE_MODEL//-/}"
-  step "throughput $COMPILE_MODEL compiled" 150 "$PYTHON" benchmarks/throughput.py --model "$COMPILE_MODEL" \
-    --batch-size "$BATCH" --precision bf16,fp16 --channels-last --compile "${TIMING[@]}" \
-    --json "${PREFIX}_throughput_${tag}_compile.json" --md "${PREFIX}_throughput_${tag}_compile.md"
-fi
-seed_model="${COMPILE_MODEL:-dcgan-32}"
-step "seed loop $seed_model" 90 "$PYTHON" benchmarks/seed_loop.py --model "$seed_model" --batch-size "$BATCH" \
-  "${SEED_TIMING[@]}" --json "${PREFIX}_seed_loop_${seed_model//-/}.json" --md "${PREFIX}_seed_loop_${seed_model//-/}.md"
 
 say "done in $(( $(date +%s) - START ))s"
 if [ "$MODE" != dry ]; then
   say "results:"; ls -1 "${PREFIX}"_* 2>/dev/null
 fi
+[ "${#SKIPPED[@]}" -eq 0 ] || say "SKIPPED (time budget): ${SKIPPED[*]}"
 if [ "${#FAILED[@]}" -gt 0 ]; then
   say "FAILED: ${FAILED[*]}"
   exit 1
