@@ -49,3 +49,16 @@ def test_bad_strategy_settings_are_named(tmp_path, override, named):
                  check=False, timeout=120)
     assert result.returncode == 2, result.stderr[-3000:]
     assert named in result.stderr and "Traceback" not in result.stderr
+
+
+def test_deepspeed_fp16_where_deepspeed_has_none_is_refused_before_any_work(tmp_path):
+    from gan_dist.parallel.deepspeed import fp16_supported
+
+    if fp16_supported():
+        pytest.skip("this machine's DeepSpeed accelerator runs fp16 (tests/test_sharded_exact.py trains it)")
+    result = run([PYTHON, "-m", "gan_dist.train", *TINY, "parallel.strategy=deepspeed", "train.precision=fp16",
+                  f"run.dir={tmp_path / 'r'}"], check=False, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "train.precision=fp16 with parallel.strategy=deepspeed" in result.stderr and "bf16" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "r" / "checkpoints").exists()

@@ -143,6 +143,14 @@ def resolve_config(conf: Optional[dict], train_cfg: Any, ds_cfg: Any, world_size
     return conf
 
 
+def fp16_supported() -> bool:
+    """Whether DeepSpeed's accelerator for this machine runs fp16 engines (a CPU needs oneDNN's
+    fp16 kernels, i.e. AVX512-FP16 or AMX-FP16; DeepSpeed refuses an fp16 engine otherwise)."""
+    from deepspeed.accelerator import get_accelerator
+
+    return bool(get_accelerator().is_fp16_supported())
+
+
 def load_json(path: str) -> dict:
     try:
         with open(path) as f:
@@ -208,6 +216,10 @@ class DeepSpeedStrategy(Strategy):
         os.environ.setdefault("LOCAL_RANK", str(info.local_rank))
         self.config = resolve_config(user, train_cfg, ds_cfg, dist.get_world_size(), self.device.type, source)
         self.zero_stage = self.config["zero_optimization"]["stage"]
+        if self.config["fp16"]["enabled"] and not fp16_supported():
+            raise ConfigError(f"train.precision=fp16 with parallel.strategy=deepspeed: DeepSpeed has no fp16 on this "
+                              f"{self.device.type} (a CPU needs AVX512-FP16 or AMX-FP16); use train.precision=bf16 "
+                              "or fp32, or parallel.strategy=fsdp or ddp, whose fp16 runs here")
         self.compute_dtype = self.precision.dtype
         self.engines: dict[str, Any] = {}
         self._bare: Optional[str] = None  # called through its bare module: frozen, or in a penalty phase
