@@ -169,6 +169,31 @@ def test_truncation_pulls_toward_the_tracked_average(tiny):
         G.train()
 
 
+def _upfirdn(x: torch.Tensor, up: int, down: int, pad: tuple[int, int], gain: float) -> torch.Tensor:
+    """The definition: zero insertion, zero padding (before, after), the 4x4 [1,3,3,1] kernel
+    (normalised, times gain) on every channel, every `down`-th pixel kept."""
+    f = torch.tensor([1.0, 3.0, 3.0, 1.0], dtype=x.dtype)
+    k = torch.outer(f, f) / 64 * gain
+    N, C, H, W = x.shape
+    if up > 1:
+        z = x.new_zeros(N, C, H * up, W * up)
+        z[:, :, ::up, ::up] = x
+        x = z
+    x = torch.nn.functional.pad(x, (pad[0], pad[1], pad[0], pad[1]))
+    y = torch.nn.functional.conv2d(x.reshape(N * C, 1, *x.shape[2:]), k[None, None])
+    return y.reshape(N, C, *y.shape[2:])[:, :, ::down, ::down]
+
+
+def test_fir_resampling_matches_its_definition():
+    from gan_dist.models.stylegan2.networks import FIRFilter
+
+    fir, x = FIRFilter(), torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(fir.up2(x), _upfirdn(x, 2, 1, (2, 1), 4.0))
+    torch.testing.assert_close(fir.pad(x, 1), _upfirdn(x, 1, 1, (1, 1), 1.0))
+    torch.testing.assert_close(fir.pad(x, 2), _upfirdn(x, 1, 1, (2, 2), 1.0))
+    torch.testing.assert_close(fir.down2(x), _upfirdn(x, 1, 2, (1, 1), 1.0))
+
+
 def test_minibatch_std_groups_consecutive_samples(tiny):
     _, _, D = tiny
     x = torch.randn(8, 1, 32, 32)
@@ -290,3 +315,46 @@ def test_the_regularisers_change_the_weights(tmp_path, one_process):
 def test_two_processes_equal_one_with_the_whole_batch(tmp_path, one_process, name):
     r0, _ = job(tmp_path, name, 2, *STRATEGIES[name], *EXACT)
     assert_same(r0, one_process)
+
+
+# ---- sampling -------------------------------------------------------------------------------
+def _generate(tmp_path, ckpt, out: str, *extra: str):
+    from tests._mp import PYTHON, run
+
+    return run([PYTHON, "-m", "gan_dist.generate", "--ckpt", str(ckpt), "--n", "4", "--out", str(tmp_path / out),
+                *extra], cwd=tmp_path, timeout=300, check=False)
+
+
+def test_generate_truncation(tmp_path):
+    from PIL import Image
+
+    from gan_dist.config import to_yaml
+
+    cfg = cfg_of(*TINY)
+    G, _ = model_spec(cfg.model).build(0)
+    with torch.no_grad():
+        G.mapping.w_avg.normal_()  # an average w away from zero, as after training
+    (tmp_path / "config.yaml").write_text(to_yaml(cfg))
+    torch.save(G.state_dict(), tmp_path / "generator.pt")
+    images = {}
+    for psi in ("1", "0"):
+        r = _generate(tmp_path, tmp_path / "generator.pt", f"psi{psi}", "--truncation", psi)
+        assert r.returncode == 0, r.stderr
+        images[psi] = [torch.tensor(list(Image.open(p).getdata()))
+                       for p in sorted((tmp_path / f"psi{psi}").glob("*.png"))]
+    assert len(images["0"]) == 4 and all(torch.equal(i, images["0"][0]) for i in images["0"])  # all the average
+    assert not all(torch.equal(i, images["1"][0]) for i in images["1"])
+    r = _generate(tmp_path, tmp_path / "generator.pt", "bad", "--truncation", "1.5")
+    assert r.returncode == 2 and "--truncation=1.5 must be in [0, 1]" in r.stderr, r.stderr
+
+
+def test_generate_truncation_of_a_family_without_it_names_both(tmp_path):
+    from gan_dist.config import to_yaml
+
+    cfg = cfg_of("model.arch=dcgan", "model.resolution=32", "model.channels=1", "model.dcgan.ngf=8",
+                 "model.dcgan.ndf=8", "model.dcgan.nz=16")
+    G, _ = model_spec(cfg.model).build(0)
+    (tmp_path / "config.yaml").write_text(to_yaml(cfg))
+    torch.save(G.state_dict(), tmp_path / "generator.pt")
+    r = _generate(tmp_path, tmp_path / "generator.pt", "out", "--truncation", "0.7")
+    assert r.returncode == 2 and "model.arch=dcgan has no truncation" in r.stderr, r.stderr
