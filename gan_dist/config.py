@@ -273,9 +273,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.num_classes={k!r} must be an integer >= 0 (0: unconditional) or auto (from the data)")
     from gan_dist.augment import validate as validate_augment
     validate_augment(cfg.augment)  # augment.kind, policy, pipeline, target, p
+    from gan_dist.models import FAMILIES, model_spec
+
+    if cfg.model.arch not in FAMILIES:
+        raise ConfigError(f"model.arch={cfg.model.arch!r} is not one of: {', '.join(FAMILIES)}")
     if "auto" not in (res, cfg.model.channels, k):
-        from gan_dist.models import model_spec
-        model_spec(cfg.model)  # the family checks its own settings
+        model_spec(cfg.model)  # the family checks its own settings (else once the data gave the shape)
     if not 0 <= cfg.data.max_skip_fraction <= 1:
         raise ConfigError(f"data.max_skip_fraction={cfg.data.max_skip_fraction!r} must be in [0, 1]")
     if cfg.ema.rampup is not None and cfg.ema.rampup < 0:
