@@ -103,7 +103,7 @@ def _fsdp_generator_state(dcp_dir: Path, trainer: dict) -> dict:
     from gan_dist.config import load_config
     from gan_dist.models import build_generator
 
-    cfg = load_config(dcp_dir.parent / "config.yaml")
+    cfg = load_config(dcp_dir.parent / "config.yaml", upgrade=True)
     template = build_generator(cfg.model).state_dict()
     wanted = {"G": {"model": template}}
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
@@ -154,7 +154,7 @@ def load_generator(ckpt: str, ema: Optional[bool] = None, device: torch.device =
     from gan_dist.models import build_generator
 
     config, state, is_ema, source, step = resolve_source(ckpt, ema)
-    cfg = load_config(config, overrides or [])
+    cfg = load_config(config, overrides or [], upgrade=True)  # a run's config.yaml, maybe an older gan_dist's
     G = build_generator(cfg.model)
     try:
         load_model_state(G, state, f"generator ({source})")
@@ -193,7 +193,7 @@ def generate_range(G: nn.Module, start: int, end: int, seed: int, batch_size: in
     for lo in range(start, end, batch_size):
         hi = min(end, lo + batch_size)
         c = classes(lo, hi) if classes is not None else None
-        yield lo, G(latents(lo, hi, G.nz, seed).to(device), None if c is None else c.to(device)).float()
+        yield lo, G(latents(lo, hi, G.z_dim, seed).to(device), None if c is None else c.to(device)).float()
 
 
 def write_grid(G: nn.Module, n: int, out: Path, seed: int, batch_size: int, device: torch.device,

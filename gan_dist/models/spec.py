@@ -4,7 +4,8 @@ A family (a folder under `gan_dist/models/`) registers a `ModelSpec` factory: gi
 config section it says how to build and initialise G and D, which sub-modules are worth
 sharding on their own (FSDP units), and the sizes of the latent and the label. Every family's
 networks share one call signature, `G(z, c)` and `D(x, c)`, with `c` a tensor of class
-indices or None; an unconditional family ignores it.
+indices or None; an unconditional family ignores it. G has a `z_dim` attribute (its latent size),
+so that a generator loaded from a run samples without its config.
 """
 from __future__ import annotations
 
