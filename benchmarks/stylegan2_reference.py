@@ -122,13 +122,15 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=16, help="iterations per timed block (a multiple of 16: every phase)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--revision", default=None, help="the reference's commit, when --ref is not a git work tree")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override for both sides' sizes, e.g. model.stylegan2.channel_max=64")
     p.add_argument("--out", default=None, help="JSON result (default: benchmarks/results/stylegan2_reference_cpu.json)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     ref = Path(args.ref).resolve()
-    revision = subprocess.run(["git", "-C", str(ref), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    revision = args.revision or subprocess.run(["git", "-C", str(ref), "rev-parse", "HEAD"], capture_output=True,
+                                               text=True).stdout.strip()
 
     ours, ours_info = gan_dist_side(args.model, args.batch_size, args.overrides)
     theirs, theirs_info = reference_side(ref, ours_info.pop("cfg"), args.batch_size)
