@@ -55,6 +55,14 @@ MODELS: dict[str, dict[str, Any]] = {
                      "model.stylegan2.mapping_layers": 2},
     "stylegan2-256": {"model.arch": "stylegan2", "model.resolution": 256, "model.channels": 3,
                       "model.stylegan2.preset": "paper256"},
+    # R3GAN (docs/models.md) at the reference's presets, with its recipe at the schedules' start values
+    # (configs/r3gan_*.yaml): rpgan, R1 + R2 in every D step, Adam (0, 0.9)
+    "r3gan-cifar10": {"model.arch": "r3gan", "model.resolution": 32, "model.channels": 3,
+                      "model.r3gan.preset": "cifar10", "train.loss": "rpgan", "reg.r1_gamma": 0.05,
+                      "reg.r2_gamma": 0.05, "reg.d_every": 1, "train.beta1": 0.0, "train.beta2": 0.9},
+    "r3gan-ffhq64": {"model.arch": "r3gan", "model.resolution": 64, "model.channels": 3,
+                     "model.r3gan.preset": "ffhq64", "train.loss": "rpgan", "reg.r1_gamma": 2.0,
+                     "reg.r2_gamma": 2.0, "reg.d_every": 1, "train.beta1": 0.0, "train.beta2": 0.9},
 }
 
 PARTS = ("data", "D", "G", "opt")  # the split of an iteration; the rest is "other"
