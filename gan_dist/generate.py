@@ -282,6 +282,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="latent seed: sample i is the same for every process count")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--shard-size", type=int, default=10_000, help="images per shard (name.tar output)")
+    p.add_argument("--truncation", type=float, default=1.0, metavar="PSI",
+                   help="StyleGAN2's truncation: w pulled toward its tracked average, psi in [0, 1] (1: none)")
     p.add_argument("--class", dest="cls", type=int, default=None, metavar="K",
                    help="a conditional generator: every image of class K (default: class i %% num_classes "
                         "for image i; a grid has one row per class)")
@@ -291,6 +293,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         p.error("--n must be >= 1")
     if args.batch_size < 1 or args.shard_size < 1:
         p.error("--batch-size and --shard-size must be >= 1")
+    if not 0 <= args.truncation <= 1:
+        p.error(f"--truncation={args.truncation:g} must be in [0, 1] (1: no truncation)")
     return args
 
 
@@ -301,6 +305,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         from gan_dist import distributed as gdist
 
         loaded = load_generator(args.ckpt, args.ema, info.device)
+        if args.truncation != 1:
+            if not hasattr(loaded.G, "truncation_psi"):
+                raise UsageError(f"--truncation {args.truncation:g}: model.arch={loaded.cfg.model.arch} has no "
+                                 "truncation (model.arch=stylegan2 has)")
+            loaded.G.truncation_psi = args.truncation  # the default of every G(z) below
         kind = output_kind(args.out)
         out = Path(args.out)
         K = int(loaded.cfg.model.num_classes or 0)
