@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import gc
 import json
 import math
 import os
@@ -530,17 +529,33 @@ def profile(job: dict) -> dict:
         for m in (G, D):
             m.to_empty(device="cpu")
         strategy.setup(G, D, lambda name, params, **kw: torch.optim.SGD(params, lr=0.0), spec.shard_units)
-        # forward and backward only: the optimizer's arithmetic is not the model's compute
-        strategy.step = lambda trained: strategy.optimizers[trained].zero_grad(set_to_none=True)
         counted = _every(recipe)
         flops = FlopCounterMode(display=False)
         # its per-module tracker's backward hooks are refused inside autograd.grad (a penalty);
         # only the total is needed (as benchmarks/common.py's count_flops)
         flops.mod_tracker = contextlib.nullcontext()
         flops.mod_tracker.parents = {"Global"}
+        # FLOPs per update, named by the recipe phase it ends (the phases are stepped in order);
+        # forward and backward only: the optimizer's arithmetic is not the model's compute
+        orders = [p.name for p in recipe.due(counted)
+                  for _ in range(cfg.train.d_steps if p.name == "Dmain" else 1)]
+        per_phase: dict[str, int] = {}
+        seen = [0]
+
+        def step(trained: str) -> None:
+            total = flops.get_total_flops()
+            name = orders[len(seen) - 1] if len(seen) <= len(orders) else "other"
+            per_phase[name] = per_phase.get(name, 0) + total - seen[-1]
+            seen.append(total)
+            strategy.optimizers[trained].zero_grad(set_to_none=True)
+
+        strategy.step = step
         with flops, saved.hooks():
             train_step(strategy, recipe, _batches(cfg, spec, job["per_rank_batch"], cfg.run.seed), counted)
-    return {"flops": flops.get_total_flops(), "activation_peak_bytes": saved.peak, "params_G": numel["G"],
+    every = {p.name: p.every for p in recipe.phases}
+    # a phase due every k steps costs 1/k of its FLOPs per iteration, as its collectives do
+    amortised = sum(f / every.get(name, 1) for name, f in per_phase.items())
+    return {"flops": amortised, "flops_per_phase": per_phase, "activation_peak_bytes": saved.peak, "params_G": numel["G"],
             "params_D": numel["D"], "param_sizes": sizes, "compute_dtype": str(strategy.precision.dtype).replace("torch.", ""),
             "phase_every": {p.name: p.every for p in recipe.phases},
             "phases": [[p.name, p.trains, p.every] for p in recipe.phases], "d_steps": cfg.train.d_steps}
@@ -576,7 +591,6 @@ def formula(name: str, N: int, prof: dict) -> dict:
 
     for phase, trains in updates:
         n_tr = prof["params_" + trains]
-        other = "D" if trains == "G" else "G"
         if name == "ddp":
             total = n_tr * 4  # DDP keeps fp32 parameters; autocast leaves the gradients fp32
             for k in range(math.ceil(total / DDP_BUCKET_BYTES)):
@@ -748,7 +762,7 @@ def plan(args: argparse.Namespace) -> dict:
                 "total_bytes": total, "fits_gib": fits,
                 "collectives_per_iteration": sum(1 / every.get(c["phase"], 1) for c in res["collectives"]),
                 "sent_bytes_per_iteration": sent, "phases": phases,
-                "flops_per_rank": prof["flops"], "compute_ms": compute_ms, "comm_ms": comm_ms,
+                "flops_per_rank": prof["flops"], "flops_per_phase": prof["flops_per_phase"], "compute_ms": compute_ms, "comm_ms": comm_ms,
                 "iteration_ms": compute_ms + comm_ms, "iteration_ms_overlapped": max(compute_ms, comm_ms),
                 "comm_share": comm_ms / (compute_ms + comm_ms) if compute_ms + comm_ms > 0 else 0.0,
                 "comm_dominates": comm_ms > compute_ms, "collectives": res["collectives"],
