@@ -119,6 +119,7 @@ def test_fir_resampling_interpolates():
 
 
 # ---- every preset's recipe starts on a CPU --------------------------------------------------------
+@pytest.mark.timeout(1500)  # the ImageNet presets: ~100 M parameters per network, R1 + R2 double backward
 @pytest.mark.parametrize("preset", list(RESOLUTION))
 def test_every_preset_config_trains_on_a_cpu(preset):
     """configs/r3gan_<preset>.yaml at its full widths: a step at batch 1 with the rpgan loss,
