@@ -17,6 +17,9 @@ def setup_models(strategy: Any, cfg: Any, seed: Optional[int] = None,
                  make_optimizer: Optional[OptimizerFactory] = None) -> tuple[Recipe, ModelSpec, dict[str, int]]:
     """Build the configured family's G and D (weights from `seed`, default run.seed), hand them
     to `strategy` with the recipe's optimizers, and return (recipe, spec, parameter counts)."""
+    from gan_dist.schedules import initial
+
+    cfg = initial(cfg)  # scheduled values (lr, gammas, ...) at their start: what is built once
     spec = model_spec(cfg.model)
     recipe = build_recipe(cfg, spec)
     G, D = spec.build(cfg.run.seed if seed is None else seed)
