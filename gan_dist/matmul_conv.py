@@ -103,7 +103,7 @@ class _Conv2d(torch.autograd.Function):
             return grad_x, grad_w, None, None
         g = _nhwc_rows(grad)
         if ctx.needs_input_grad[1]:
-            grad_w = (g.t() @ cols).view(O, k[0], k[1], C).permute(0, 3, 1, 2)
+            grad_w = _strided_like((g.t() @ cols).view(O, k[0], k[1], C).permute(0, 3, 1, 2), weight)
         if ctx.needs_input_grad[0]:
             grad_x = _fold(g @ wmat, B, (H, W), C, k, s, p, out).permute(0, 3, 1, 2)
         return grad_x, grad_w, None, None
@@ -135,7 +135,7 @@ class _ConvTranspose2d(torch.autograd.Function):
             return grad_x, grad_w, None, None, None
         cols = _unfold(grad.permute(0, 2, 3, 1), k, s, p, (H, W))
         if ctx.needs_input_grad[1]:
-            grad_w = (rows.t() @ cols).view(Ci, k[0], k[1], Co).permute(0, 3, 1, 2)
+            grad_w = _strided_like((rows.t() @ cols).view(Ci, k[0], k[1], Co).permute(0, 3, 1, 2), weight)
         if ctx.needs_input_grad[0]:
             grad_x = (cols @ wmat.t()).view(B, H, W, Ci).permute(0, 3, 1, 2)
         return grad_x, grad_w, None, None, None
@@ -171,6 +171,16 @@ def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
     """The dtype autocast would run a convolution on `x` in, or None outside autocast."""
     device = x.device.type
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
+def _strided_like(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`grad` with exactly `weight`'s strides. The matmul gives NHWC weight gradients; a weight
+    stored NCHW (or one whose layouts differ only in a size-1 dimension, a 1-channel layer)
+    would otherwise get them as they come, and DDP, whose buckets take the parameters' strides,
+    warns "Grad strides do not match bucket view strides" and copies."""
+    if grad.stride() == weight.stride():
+        return grad
+    return torch.empty_strided(weight.shape, weight.stride(), dtype=grad.dtype, device=grad.device).copy_(grad)
 
 
 def _run(fn: type, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], *args) -> torch.Tensor:

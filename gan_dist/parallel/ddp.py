@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from gan_dist.parallel.base import Strategy
+from gan_dist.parallel.base import Strategy, matmul_convs_wanted
 
 
 def channels_last_weights(module: nn.Module) -> None:
@@ -54,7 +54,9 @@ class DDPStrategy(Strategy):
     name = "ddp"
 
     def wrap(self, module: nn.Module, name: str) -> nn.Module:
-        if self.train_cfg.channels_last:
+        # NHWC activations make NHWC weight gradients: under train.channels_last, and also
+        # downstream of matmul convolutions (train.matmul_conv), whose outputs are NHWC
+        if self.train_cfg.channels_last or matmul_convs_wanted(self.train_cfg, self.device):
             channels_last_weights(module)  # before DDP: its buckets take the parameters' strides
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(module, device_ids=ids, gradient_as_bucket_view=True, **_NO_FORWARD_BUFFER_SYNC)
