@@ -37,7 +37,7 @@ def job(tmp_path, name: str, world_size: int, *args: str) -> list[dict]:
         (tmp_path / "zero3_all.json").write_text(json.dumps(conf))
         args = tuple(str(tmp_path / "zero3_all.json") if a == "{zero3_all}" else a for a in args)
     run_ranks([str(REPO / "tests" / "workers" / "per_rank.py"), WORKER, "--out", str(out), *args],
-              world_size, timeout=600)
+              world_size, timeout=900)
     return [torch.load(tmp_path / f"{name}-{r}.pt", weights_only=True) for r in range(world_size)]
 
 

@@ -3,7 +3,6 @@ draws, path length, bad settings, and exactness under every strategy through all
 (Dmain, Dreg, Gmain, Greg) with real gloo processes."""
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -12,10 +11,9 @@ import torch
 from gan_dist import rng
 from gan_dist.config import ConfigError, load_config
 from gan_dist.models import model_spec
-from tests._mp import REPO, run_ranks
+from tests.test_recipe_exact import STRATEGIES, job  # the 2-process jobs and the strategies they cover
 from tests.workers.sharded_worker import STYLEGAN2_TINY
 
-WORKER = str(REPO / "tests" / "workers" / "sharded_worker.py")
 TINY = ["model.arch=stylegan2", *STYLEGAN2_TINY]
 
 
@@ -266,23 +264,6 @@ def test_preset_none_needs_every_size():
 # 3 iterations: Dreg (R1) and Greg (path length) due at iterations 0 and 2
 EXACT = ("--model", "stylegan2", "--global-batch", "8", "--iters", "3", "--r1", "10", "--d-every", "2",
          "--pl-every", "2")
-STRATEGIES = {"ddp": ("--strategy", "ddp"), "fsdp": ("--strategy", "fsdp"),
-              **{f"zero{s}": ("--strategy", "deepspeed", "--zero-stage", str(s)) for s in (1, 2, 3)},
-              "zero3_all": ("--strategy", "deepspeed", "--ds-config", "{zero3_all}")}
-
-
-def job(tmp_path, name: str, world_size: int, *args: str) -> list[dict]:
-    out = tmp_path / f"{name}-{{rank}}.pt"
-    if "{zero3_all}" in args:
-        conf = json.loads((REPO / "configs" / "deepspeed" / "zero3.json").read_text())
-        conf["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-        (tmp_path / "zero3_all.json").write_text(json.dumps(conf))
-        args = tuple(str(tmp_path / "zero3_all.json") if a == "{zero3_all}" else a for a in args)
-    run_ranks([str(REPO / "tests" / "workers" / "per_rank.py"), WORKER, "--out", str(out), *args],
-              world_size, timeout=900)
-    return [torch.load(tmp_path / f"{name}-{r}.pt", weights_only=True) for r in range(world_size)]
-
-
 def assert_same(a: dict, b: dict) -> None:
     for model in ("G", "D"):
         assert a[model].keys() == b[model].keys()
