@@ -185,10 +185,13 @@ class Strategy:
         and the result is unscaled, so the penalty sees the true gradient. No gradient reaches
         the parameters here and nothing is reduced: that happens in the phase's one backward."""
         scaler = self.precision.scalers[trained]
-        scale = scaler.get_scale() if scaler.is_enabled() else None
-        scaled = output * scale if scale is not None else output
+        if not scaler.is_enabled():
+            (grad,) = torch.autograd.grad(output, inputs, create_graph=True)
+            return grad
+        # the scale as the scaler's own device tensor: get_scale() would read it on the host
+        scaled = scaler.scale(output)
         (grad,) = torch.autograd.grad(scaled, inputs, create_graph=True)
-        return grad / scale if scale is not None else grad
+        return grad / scaler._scale.to(grad.dtype)
 
     # ---- updates --------------------------------------------------------------------------
     def backward(self, loss: torch.Tensor, trained: str) -> None:
