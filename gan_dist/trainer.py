@@ -321,15 +321,19 @@ class Trainer:
     @torch.no_grad()
     def samples(self, z: torch.Tensor, c: Optional[torch.Tensor] = None) -> torch.Tensor:
         """G(z, c) in eval mode (c: the classes of a conditional model; None: uniform over them,
-        drawn from the latents' own generator state). Called on every rank: a sharded G needs all of them."""
+        drawn from the latents' own generator state). Called on every rank: a sharded G needs all of them.
+        Runs in chunks of the training batch, which is known to fit (a 64-image grid at 1024 px
+        would not)."""
         G = self.strategy.sample_module("G")
         was_training = G.training
         G.eval()
         if c is None and self.spec.num_classes:
             c = torch.arange(z.shape[0], device=z.device) % self.spec.num_classes
+        chunk = max(1, self.cfg.train.batch_size)
         try:
             with self.strategy.autocast():
-                return G(z, c).float()
+                return torch.cat([G(z[i:i + chunk], None if c is None else c[i:i + chunk]).float()
+                                  for i in range(0, z.shape[0], chunk)])
         finally:
             G.train(was_training)
 
