@@ -184,12 +184,13 @@ def test_class_metrics_tell_the_asked_for_digit():
 
 
 # ---- 2 processes x b == 1 process x 2b, with labels ---------------------------------------------
-def assert_same_weights(a: dict, b: dict, num_classes: int) -> None:
+def assert_same_weights(a: dict, b: dict, num_classes: int, model: tuple[str, ...] = ()) -> None:
     """Equal weights (as tests/test_sharded_exact.py checks them), for the workers' conditional
-    models: far from their initial values, so that the comparison proves something."""
+    models (`model`: the overrides of a family other than DCGAN): far from their initial values,
+    so that the comparison proves something."""
     from gan_dist.models import build_models
 
-    cfg = load_config(None, [*SMALL, "model.dcgan.norm=none", f"model.num_classes={num_classes}"])
+    cfg = load_config(None, [*SMALL, "model.dcgan.norm=none", *model, f"model.num_classes={num_classes}"])
     init = dict(zip(("G", "D"), (m.state_dict() for m in build_models(cfg.model, seed=3))))
     moved = 0.0
     for model in ("G", "D"):
@@ -230,3 +231,29 @@ def test_labels_change_the_run(tmp_path, conditional_reference):
     other = job(tmp_path, "other", 1, "--strategy", "none", *args)[0]
     key = "blocks.0.0.weight"
     assert (other["D"][key] - conditional_reference["D"][key]).abs().max() > 1e-4
+
+
+# StyleGAN2 (label embedded in G's mapping, D projecting onto its own label mapping) through all
+# four phases; the strategy code is shared with DCGAN's runs above, so two strategies: FSDP2 (D's
+# label mapping is a unit of its own) and ZeRO-3 (every parameter gathered by hooks)
+SG2_LABELLED = ("--model", "stylegan2", "--global-batch", "8", "--iters", "3", "--num-classes", "5", "--r1", "10",
+                "--d-every", "2", "--pl-every", "2")
+
+
+@pytest.fixture(scope="module")
+def sg2_conditional_reference(tmp_path_factory):
+    from tests.test_recipe_exact import job
+
+    return job(tmp_path_factory.mktemp("sg2-one"), "sg2", 1, "--strategy", "none", *SG2_LABELLED)[0]
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize("name", ["fsdp", "zero3"])
+def test_stylegan2_conditional_two_processes_equal_one(tmp_path, sg2_conditional_reference, name):
+    from tests.test_recipe_exact import STRATEGIES, job
+    from tests.workers.sharded_worker import STYLEGAN2_TINY
+
+    r0, _ = job(tmp_path, f"sg2-{name}", 2, *STRATEGIES[name], *SG2_LABELLED)
+    assert_same_weights(r0, sg2_conditional_reference, 5, ("model.arch=stylegan2", *STYLEGAN2_TINY))
+    assert "mapping.embed.weight" in r0["G"] and "mapping.embed.weight" in r0["D"]

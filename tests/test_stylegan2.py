@@ -22,7 +22,7 @@ def cfg_of(*overrides: str):
 
 
 # ---- sizes ----------------------------------------------------------------------------------
-def expected_counts(R: int, C: int, z: int, w: int, layers: int, base: int, cmax: int) -> dict[str, int]:
+def expected_counts(R: int, C: int, z: int, w: int, layers: int, base: int, cmax: int, K: int = 0) -> dict[str, int]:
     """Parameters of StyleGAN2 config F, counted from the architecture (Karras et al. 2020, and
     stylegan2-ada-pytorch's networks.py): every FC layer has in*out weights + out biases; a
     synthesis layer is an affine FC (w -> in, its biases initialised to 1), a 3x3 weight
@@ -31,10 +31,15 @@ def expected_counts(R: int, C: int, z: int, w: int, layers: int, base: int, cmax
     residual blocks have conv0 (3x3, tmp->tmp, bias), conv1 (3x3, tmp->out, bias), a bias-free
     1x1 skip (tmp->out) and, at the input resolution, fromRGB (1x1, C->tmp, bias); D's epilogue
     has a 3x3 conv over ch(4)+1 maps (the minibatch std), an FC ch(4)*16 -> ch(4) and an FC
-    ch(4) -> 1."""
+    ch(4) -> 1.
+
+    Conditional (K classes): G's mapping embeds the one-hot label with an FC K -> w and its first
+    layer takes z and the embedding (z + w -> w); D has a label mapping network of its own (an FC
+    K -> cmap, then 8 FC layers cmap -> cmap, cmap = ch(4); 8 whatever G's depth, as the
+    reference's D takes no mapping depth) and its last FC has cmap outputs instead of 1."""
     ch = lambda r: min(base // r, cmax)  # noqa: E731
     fc = lambda i, o: i * o + o  # noqa: E731
-    mapping = fc(z, w) + (layers - 1) * fc(w, w)
+    mapping = fc(z + (w if K else 0), w) + (layers - 1) * fc(w, w) + (fc(K, w) if K else 0)
     syn_layer = lambda i, o: fc(w, i) + o * i * 9 + 1 + o  # noqa: E731
     torgb = lambda i: fc(w, i) + C * i + C  # noqa: E731
     log2 = int(math.log2(R))
@@ -46,32 +51,90 @@ def expected_counts(R: int, C: int, z: int, w: int, layers: int, base: int, cmax
         tmp, out = ch(r), ch(r // 2)
         d += (tmp * tmp * 9 + tmp) + (out * tmp * 9 + out) + out * tmp
     c4 = ch(4)
-    d += ((c4 + 1) * c4 * 9 + c4) + fc(c4 * 16, c4) + fc(c4, 1)
+    d += ((c4 + 1) * c4 * 9 + c4) + fc(c4 * 16, c4) + fc(c4, c4 if K else 1)
+    if K:
+        d += fc(K, c4) + 8 * fc(c4, c4)
     return {"G": g, "D": d}
 
 
 # stylegan2-ada-pytorch at d72cc7d (training.networks.Generator/Discriminator, instantiated outside
-# this repository) has these counts; the formula above must give them too
-REFERENCE_COUNTS = {("stylegan2", 1024): {"G": 30370060, "D": 29012513},
-                    ("paper256", 256): {"G": 24767458, "D": 24001089}}
+# this repository; the conditional one as its cifar setting: c_dim=10, G's mapping depth 2) has
+# these counts; the formula above must give them too. Key: (preset, resolution, G's mapping depth,
+# classes).
+REFERENCE_COUNTS = {("stylegan2", 1024, 8, 0): {"G": 30370060, "D": 29012513},
+                    ("paper256", 256, 8, 0): {"G": 24767458, "D": 24001089},
+                    ("stylegan2", 32, 2, 10): {"G": 20215315, "D": 23876096}}
 
 
-@pytest.mark.parametrize("preset,R,base", [("stylegan2", 1024, 32768), ("paper256", 256, 16384)])
-def test_parameter_counts_follow_from_the_architecture(preset, R, base):
+@pytest.mark.parametrize("preset,R,layers,K", list(REFERENCE_COUNTS))
+def test_parameter_counts_follow_from_the_architecture(preset, R, layers, K):
     cfg = cfg_of("model.arch=stylegan2", f"model.resolution={R}", "model.channels=3",
-                 f"model.stylegan2.preset={preset}")
+                 f"model.stylegan2.preset={preset}", f"model.stylegan2.mapping_layers={layers}",
+                 f"model.num_classes={K}")
     spec = model_spec(cfg.model)
     with torch.device("meta"):
         G, D = spec.make_generator(), spec.make_discriminator()
-    expected = expected_counts(R, 3, 512, 512, 8, base, 512)
-    assert expected == REFERENCE_COUNTS[(preset, R)]
+    base = {"stylegan2": 32768, "paper256": 16384}[preset]
+    expected = expected_counts(R, 3, 512, 512, layers, base, 512, K)
+    assert expected == REFERENCE_COUNTS[(preset, R, layers, K)]
     assert spec.param_counts(G, D) == expected
 
 
-def test_tiny_counts_follow_from_the_architecture():
-    spec = model_spec(cfg_of(*TINY).model)
+@pytest.mark.parametrize("K", [0, 5])
+def test_tiny_counts_follow_from_the_architecture(K):
+    spec = model_spec(cfg_of(*TINY, f"model.num_classes={K}").model)
     G, D = spec.build(0)
-    assert spec.param_counts(G, D) == expected_counts(32, 1, 16, 16, 2, 256, 16)
+    assert spec.param_counts(G, D) == expected_counts(32, 1, 16, 16, 2, 256, 16, K)
+
+
+# ---- conditional ----------------------------------------------------------------------------
+def test_conditional_networks_use_the_label():
+    spec = model_spec(cfg_of(*TINY, "model.num_classes=4").model)
+    G, D = spec.build(0)
+    assert spec.num_classes == 4
+    G.eval()
+    z = torch.randn(4, 16)
+    zero, one = torch.zeros(4, dtype=torch.long), torch.ones(4, dtype=torch.long)
+    x0, x1 = G(z, zero), G(z, one)
+    assert (x0 - x1).abs().max() > 1e-3
+    # the label's embedding is normalised and joins z: w = mapping([z / rms(z), e / rms(e)])
+    from gan_dist.models.stylegan2.networks import normalize_2nd_moment
+    e = G.mapping.embed(torch.nn.functional.one_hot(one, 4).float())
+    x = torch.cat([normalize_2nd_moment(z), normalize_2nd_moment(e)], dim=1)
+    for layer in G.mapping.layers:
+        x = layer(x)
+    torch.testing.assert_close(G.mapping(z, one)[:, 0], x)
+    # D: the projection of the last features onto the mapped label, over sqrt(cmap_dim)
+    d0 = D(x0, zero)
+    feats = D.epilogue.fc(D.epilogue.conv(D.epilogue.mbstd(_d_blocks(D, x0))).flatten(1))
+    proj = (D.epilogue.out(feats) * D.mapping(None, zero)).sum(dim=1, keepdim=True) / math.sqrt(16)
+    torch.testing.assert_close(d0, proj)
+    assert d0.shape == (4, 1) and (d0 - D(x0, one)).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="conditional"):
+        G(z)
+    with pytest.raises(ValueError, match="conditional"):
+        D(x0)
+    plain = model_spec(cfg_of(*TINY).model)  # unconditional: the parameter names of before
+    G0, D0 = plain.build(0)
+    assert not any("embed" in k for k in G0.state_dict()) and D0.mapping is None
+
+
+def _d_blocks(D, x):
+    for block in D.blocks:
+        x = block(x)
+    return x
+
+
+def test_conditional_truncation_uses_the_one_tracked_average():
+    """As the reference: one w average over every class, so psi 0 gives one image for every label."""
+    spec = model_spec(cfg_of(*TINY, "model.num_classes=4").model)
+    G, _ = spec.build(0)
+    G.train()
+    G.mapping(torch.randn(64, 16), torch.arange(64) % 4)
+    assert G.mapping.w_avg.abs().sum() > 0
+    G.eval()
+    images = G(torch.randn(4, 16), torch.arange(4), truncation_psi=0.0)
+    assert torch.allclose(images, images[:1].expand_as(images), atol=1e-6)
 
 
 # ---- networks and draws ---------------------------------------------------------------------
@@ -249,7 +312,7 @@ def test_greg_phase_in_the_recipe():
     ("model.stylegan2.channel_max=0", "model.stylegan2.channel_max"),
     ("model.stylegan2.preset=paper512", "model.stylegan2.preset"),
     ("model.stylegan2.style_mixing=1.5", "model.stylegan2.style_mixing"),
-    ("model.num_classes=10", "model.num_classes")])
+    ("model.num_classes=-1", "model.num_classes")])
 def test_bad_settings_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         cfg_of(*TINY, override)

@@ -3,7 +3,9 @@
 Settings are `model.stylegan2.*`; the sizes left unset come from the preset, stylegan2-ada-pytorch's
 `cfg_specs` (`stylegan2`, `paper256`). Besides z, G takes per-sample draws (style mixing, noise
 inputs) that are functions of (run.seed, global sample index) only, and the recipe gets a lazy
-Greg phase with path-length regularisation (docs/models.md).
+Greg phase with path-length regularisation (docs/models.md). Conditional when model.num_classes > 0,
+as the reference: G's mapping network embeds the one-hot label next to z, and D's logit is the
+projection of its last features onto a mapping of the label.
 """
 from __future__ import annotations
 
@@ -56,9 +58,10 @@ def check(model_cfg: Any) -> None:
                           f"{MIN_RES} to {MAX_RES}")
     if model_cfg.channels not in (1, 3):
         raise ConfigError(f"model.channels={model_cfg.channels!r} must be 1 or 3")
-    if model_cfg.num_classes:
-        raise ConfigError(f"model.num_classes={model_cfg.num_classes}: model.arch=stylegan2 is unconditional "
-                          "here (set model.num_classes=0)")
+    k = model_cfg.num_classes
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ConfigError(f"model.num_classes={k!r} must be an integer >= 0 once the data is known "
+                          "(0: unconditional)")
     s = sizes(sg)
     for key in ("z_dim", "w_dim"):
         if getattr(sg, key) <= 0:
@@ -165,12 +168,13 @@ class PathLength:
 def _units(module: nn.Module) -> list[nn.Module]:
     if isinstance(module, Generator):
         return [module.mapping, *module.synthesis.blocks]
-    return [*module.blocks, module.epilogue]
+    return [*module.blocks, *([module.mapping] if module.mapping is not None else []), module.epilogue]
 
 
 def spec(model_cfg: Any) -> ModelSpec:
     sg = model_cfg.stylegan2
     C, R = model_cfg.channels, model_cfg.resolution
+    K = model_cfg.num_classes
     s = sizes(sg)
     n_ws = num_ws(R) if isinstance(R, int) and R >= 4 else 0
 
@@ -184,11 +188,11 @@ def spec(model_cfg: Any) -> ModelSpec:
         return [(Phase("Greg", "G", ("pl",), every=k, weight=float(k), second_order=True), {"pl": term})]
 
     return ModelSpec(
-        family="stylegan2", z_dim=sg.z_dim, num_classes=0, channels=C, resolution=R,
+        family="stylegan2", z_dim=sg.z_dim, num_classes=K, channels=C, resolution=R,
         make_generator=lambda: Generator(sg.z_dim, sg.w_dim, R, C, s["mapping_layers"], s["channel_base"],
-                                         s["channel_max"], s["conv_clamp"], sg.mapping_lr_mult, sg.w_avg_beta),
+                                         s["channel_max"], s["conv_clamp"], sg.mapping_lr_mult, sg.w_avg_beta, K),
         make_discriminator=lambda: Discriminator(R, C, s["channel_base"], s["channel_max"], s["mbstd_group"],
-                                                 s["conv_clamp"]),
+                                                 s["conv_clamp"], K),
         init=reset_parameters_, shard_units=_units, check=check,
         draw_g_inputs=lambda seed, indices, device: inputs_from_seeds(
             sample_seeds(seed, indices), sg.z_dim, n_ws, sg.style_mixing, device),

@@ -125,27 +125,51 @@ class FullyConnected(nn.Module):
         return bias_act(x.matmul(w.t()), b, lrelu=True)
 
 
-class MappingNetwork(nn.Module):
-    """z (normalised) -> w through `num_layers` FC layers with lr multiplier `lr_mult`; tracks the
-    average w (for truncation) with decay `w_avg_beta` in training mode."""
+def one_hot_labels(c: Optional[torch.Tensor], c_dim: int, which: str) -> torch.Tensor:
+    """Class indices (N,) as the one-hot float rows the reference's label embeddings take."""
+    if c is None:
+        raise ValueError(f"this {which} is conditional (model.num_classes={c_dim}): pass the class "
+                         "indices c (N,) as its second argument")
+    return F.one_hot(c.long().reshape(-1), c_dim).float()
 
-    def __init__(self, z_dim: int, w_dim: int, num_ws: int, num_layers: int = 8, lr_mult: float = 0.01,
-                 w_avg_beta: float = 0.995) -> None:
+
+class MappingNetwork(nn.Module):
+    """[z (normalised), embed(one-hot c) (normalised)] -> w through `num_layers` FC layers with lr
+    multiplier `lr_mult`; tracks the average w (for truncation) with decay `w_avg_beta` in
+    training mode, and broadcasts it to `num_ws` layers.
+
+    `c_dim > 0` embeds the label with an FC layer of `w_dim` features (lr multiplier 1) and
+    concatenates it to z, as the reference. One average of w is tracked over every class (as the
+    reference): truncation pulls a conditional w toward the all-class average. D's label mapping
+    is the same network with `z_dim=0`, `num_ws=None` (no broadcast) and `w_avg_beta=None`."""
+
+    def __init__(self, z_dim: int, w_dim: int, num_ws: Optional[int], num_layers: int = 8, lr_mult: float = 0.01,
+                 w_avg_beta: Optional[float] = 0.995, c_dim: int = 0) -> None:
         super().__init__()
-        self.z_dim, self.w_dim, self.num_ws, self.w_avg_beta = z_dim, w_dim, num_ws, w_avg_beta
-        features = [z_dim] + [w_dim] * num_layers
+        self.z_dim, self.w_dim, self.num_ws, self.w_avg_beta, self.c_dim = z_dim, w_dim, num_ws, w_avg_beta, c_dim
+        self.embed = FullyConnected(c_dim, w_dim) if c_dim else None
+        features = [z_dim + (w_dim if c_dim else 0)] + [w_dim] * num_layers
         self.layers = nn.ModuleList(FullyConnected(features[i], features[i + 1], lrelu=True, lr_mult=lr_mult)
                                     for i in range(num_layers))
-        self.register_buffer("w_avg", torch.zeros(w_dim))
+        self.tracks_w_avg = num_ws is not None and w_avg_beta is not None
+        if self.tracks_w_avg:
+            self.register_buffer("w_avg", torch.zeros(w_dim))
         # the average over every rank's batch: one all-reduce of w_dim numbers per training forward
         self.sync_w_avg = True
 
-    def forward(self, z: torch.Tensor, truncation_psi: float = 1.0, truncation_cutoff: Optional[int] = None,
-                update_w_avg: bool = True) -> torch.Tensor:
-        x = normalize_2nd_moment(z.to(self.layers[0].weight.dtype))
+    def forward(self, z: Optional[torch.Tensor], c: Optional[torch.Tensor] = None, truncation_psi: float = 1.0,
+                truncation_cutoff: Optional[int] = None, update_w_avg: bool = True) -> torch.Tensor:
+        dtype = self.layers[0].weight.dtype
+        parts = [normalize_2nd_moment(z.to(dtype))] if self.z_dim else []
+        if self.embed is not None:
+            y = self.embed(one_hot_labels(c, self.c_dim, "generator" if self.z_dim else "discriminator").to(dtype))
+            parts.append(normalize_2nd_moment(y))
+        x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         for layer in self.layers:
             x = layer(x)
-        if update_w_avg and self.training and self.w_avg_beta is not None:
+        if not self.tracks_w_avg:
+            return x
+        if update_w_avg and self.training:
             with torch.no_grad():
                 mean = x.detach().float().mean(dim=0)
                 if self.sync_w_avg:
@@ -317,18 +341,20 @@ class Generator(nn.Module):
     (torch's global RNG) in training mode and 'const' (the stored noise buffers, as the
     reference's generate.py) in eval mode, so that a sample is a function of its z only; 'none'
     adds no noise. `ws_delta` ([N, num_ws, w_dim], zeros) is added to the w of every layer: an
-    input to take the images' Jacobian by (path length), whatever wrapper holds G."""
+    input to take the images' Jacobian by (path length), whatever wrapper holds G.
+    Conditional (`c_dim` classes): `c` holds class indices (N,), embedded by the mapping network."""
 
     def __init__(self, z_dim: int, w_dim: int, resolution: int, img_channels: int, mapping_layers: int = 8,
                  channel_base: int = 32768, channel_max: int = 512, conv_clamp: Optional[float] = None,
-                 mapping_lr_mult: float = 0.01, w_avg_beta: float = 0.995) -> None:
+                 mapping_lr_mult: float = 0.01, w_avg_beta: float = 0.995, c_dim: int = 0) -> None:
         super().__init__()
         self.z_dim, self.w_dim, self.resolution, self.img_channels = z_dim, w_dim, resolution, img_channels
+        self.c_dim = c_dim
         self.synthesis = SynthesisNetwork(w_dim, resolution, img_channels, channel_base, channel_max, conv_clamp)
         self.num_ws = self.synthesis.num_ws
         self.nz = z_dim  # the latent size samplers read (gan_dist.generate)
         self.truncation_psi = 1.0  # the default of forward's truncation_psi (generate --truncation sets it)
-        self.mapping = MappingNetwork(z_dim, w_dim, self.num_ws, mapping_layers, mapping_lr_mult, w_avg_beta)
+        self.mapping = MappingNetwork(z_dim, w_dim, self.num_ws, mapping_layers, mapping_lr_mult, w_avg_beta, c_dim)
 
     def forward(self, z: torch.Tensor, c: Optional[torch.Tensor] = None, mix_z: Optional[torch.Tensor] = None,
                 mix_cutoff: Optional[torch.Tensor] = None, noise_seeds: Optional[Sequence[int]] = None,
@@ -337,9 +363,9 @@ class Generator(nn.Module):
                 ws_delta: Optional[torch.Tensor] = None, return_ws: bool = False):
         if truncation_psi is None:
             truncation_psi = self.truncation_psi
-        ws = self.mapping(z, truncation_psi, truncation_cutoff)
-        if mix_z is not None:
-            ws2 = self.mapping(mix_z, truncation_psi, truncation_cutoff, update_w_avg=False)
+        ws = self.mapping(z, c, truncation_psi, truncation_cutoff)
+        if mix_z is not None:  # the second latent with the sample's own label, as the reference
+            ws2 = self.mapping(mix_z, c, truncation_psi, truncation_cutoff, update_w_avg=False)
             later = torch.arange(self.num_ws, device=ws.device)[None, :] >= mix_cutoff.to(ws.device)[:, None]
             ws = torch.where(later[..., None], ws2, ws)
         if ws_delta is not None:  # zeros to differentiate the images by: d img / d delta = d img / d w
@@ -424,36 +450,51 @@ class MinibatchStd(nn.Module):
 
 
 class DiscriminatorEpilogue(nn.Module):
-    def __init__(self, channels: int, mbstd_group: int, conv_clamp: Optional[float]) -> None:
+    """4x4: minibatch std, conv, fc, out. Conditional (`cmap_dim > 0`): `out` has cmap_dim
+    features, and the logit is their projection onto the mapped label, over sqrt(cmap_dim)."""
+
+    def __init__(self, channels: int, mbstd_group: int, conv_clamp: Optional[float], cmap_dim: int = 0) -> None:
         super().__init__()
+        self.cmap_dim = cmap_dim
         self.mbstd = MinibatchStd(mbstd_group, 1)
         self.conv = Conv2dLayer(channels + 1, channels, 3, conv_clamp=conv_clamp)
         self.fc = FullyConnected(channels * 16, channels, lrelu=True)
-        self.out = FullyConnected(channels, 1)
+        self.out = FullyConnected(channels, cmap_dim or 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cmap: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = self.conv(self.mbstd(x))
-        return self.out(self.fc(x.flatten(1)))
+        x = self.out(self.fc(x.flatten(1)))
+        if self.cmap_dim:
+            x = (x * cmap.to(x.dtype)).sum(dim=1, keepdim=True) * (1 / math.sqrt(self.cmap_dim))
+        return x
 
 
 class Discriminator(nn.Module):
     """D(x, c) -> one logit per image: residual blocks from `resolution` down to 8, then the 4x4
-    epilogue (minibatch std, conv, fc, out)."""
+    epilogue (minibatch std, conv, fc, out). Conditional (`c_dim` classes): a label mapping
+    network (`mapping_layers` FC layers of cmap_dim = the 4x4 width, lr multiplier 0.01; the
+    reference's D always has 8, whatever G's depth) whose output the epilogue projects onto."""
 
     def __init__(self, resolution: int, img_channels: int, channel_base: int = 32768, channel_max: int = 512,
-                 mbstd_group: int = 4, conv_clamp: Optional[float] = None) -> None:
+                 mbstd_group: int = 4, conv_clamp: Optional[float] = None, c_dim: int = 0,
+                 mapping_layers: int = 8) -> None:
         super().__init__()
+        self.c_dim = c_dim
         self.resolutions = [2 ** i for i in range(int(math.log2(resolution)), 2, -1)]
         ch = lambda r: channels_at(r, channel_base, channel_max)  # noqa: E731
         self.blocks = nn.ModuleList(DiscriminatorBlock(ch(r), ch(r // 2), img_channels, r == resolution, conv_clamp)
                                     for r in self.resolutions)
-        self.epilogue = DiscriminatorEpilogue(ch(4), mbstd_group, conv_clamp)
+        cmap_dim = ch(4) if c_dim else 0
+        self.mapping = (MappingNetwork(0, cmap_dim, None, mapping_layers, w_avg_beta=None, c_dim=c_dim)
+                        if c_dim else None)
+        self.epilogue = DiscriminatorEpilogue(ch(4), mbstd_group, conv_clamp, cmap_dim)
 
     def forward(self, img: torch.Tensor, c: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = img
         for block in self.blocks:
             x = block(x)
-        return self.epilogue(x)
+        cmap = self.mapping(None, c) if self.mapping is not None else None
+        return self.epilogue(x, cmap)
 
 
 def reset_parameters_(module: nn.Module) -> None:
