@@ -143,6 +143,32 @@ def resolve_source(ckpt: str, ema: Optional[bool]) -> tuple[Path, dict, bool, st
     return config, state, use_ema, source, step
 
 
+def state_family(state: dict) -> Optional[str]:
+    """The family whose generator has these parameter names (layer indices aside), or None.
+
+    Each family's G is built small on the meta device; names differ completely between families
+    (mapping./synthesis., blocks., stages.), so the best overlap tells a foreign state apart from
+    a same-family one of another size."""
+    import re
+
+    from gan_dist.config import load_config
+    from gan_dist.models import FAMILIES, build_generator
+
+    pattern = lambda keys: {re.sub(r"\.\d+(?=\.|$)", ".*", k) for k in keys}  # noqa: E731
+    own, best, best_score = pattern(state), None, 0.5
+    for family in FAMILIES:
+        try:
+            cfg = load_config(None, [f"model.arch={family}", "model.resolution=32", "model.channels=1"])
+            with torch.device("meta"):
+                names = pattern(build_generator(cfg.model).state_dict())
+        except Exception:  # a family without a 32 px default: it cannot be told here
+            continue
+        score = len(own & names) / max(1, len(own | names))
+        if score > best_score:
+            best, best_score = family, score
+    return best
+
+
 def load_generator(ckpt: str, ema: Optional[bool] = None, device: torch.device = torch.device("cpu"),
                    overrides: Optional[list[str]] = None) -> LoadedGenerator:
     """The generator of a run or checkpoint, rebuilt from its config.yaml, in eval mode.
@@ -159,6 +185,12 @@ def load_generator(ckpt: str, ema: Optional[bool] = None, device: torch.device =
     try:
         load_model_state(G, state, f"generator ({source})")
     except CheckpointError as exc:
+        family = state_family(state)
+        if family is not None and family != cfg.model.arch:
+            raise GeneratorSourceError(
+                f"--ckpt {ckpt!r}: the weights in {source} are a model.arch={family} generator (by their "
+                f"parameter names), but {config} says model.arch={cfg.model.arch}; pass the {family} run's own "
+                f"directory, or put the config.yaml of the run that trained them next to them") from None
         raise GeneratorSourceError(str(exc)) from None
     return LoadedGenerator(G.to(device).eval().requires_grad_(False), cfg, source, is_ema, step)
 

@@ -402,3 +402,22 @@ def test_generate_truncation_of_a_family_without_it_names_both(tmp_path):
     torch.save(G.state_dict(), tmp_path / "generator.pt")
     r = _generate(tmp_path, tmp_path / "generator.pt", "out", "--truncation", "0.7")
     assert r.returncode == 2 and "model.arch=dcgan has no truncation" in r.stderr, r.stderr
+
+
+DCGAN_SMALL = ["model.arch=dcgan", "model.resolution=32", "model.channels=1", "model.dcgan.ngf=8", "model.dcgan.ndf=8",
+               "model.dcgan.nz=16"]
+
+
+@pytest.mark.parametrize("weights,config", [("stylegan2", "dcgan"), ("dcgan", "stylegan2")])
+def test_generate_with_another_familys_config_names_both(tmp_path, weights, config):
+    """generator.pt of one family next to the config.yaml of another: exit 2 naming both families."""
+    from gan_dist.config import to_yaml
+
+    of = {"stylegan2": TINY, "dcgan": DCGAN_SMALL}
+    G, _ = model_spec(cfg_of(*of[weights]).model).build(0)
+    torch.save(G.state_dict(), tmp_path / "generator.pt")
+    (tmp_path / "config.yaml").write_text(to_yaml(cfg_of(*of[config])))
+    r = _generate(tmp_path, tmp_path / "generator.pt", "out.png")
+    assert r.returncode == 2, r.stderr
+    assert f"model.arch={weights} generator" in r.stderr and f"says model.arch={config}" in r.stderr, r.stderr
+    assert not (tmp_path / "out.png").exists()
