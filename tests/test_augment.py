@@ -57,6 +57,25 @@ def test_diffaugment_transforms():
     assert len(set(shifts)) > 10
 
 
+def test_diffaugment_colour_and_gradients_follow_the_definition():
+    from gan_dist.augment.diffaugment import color, diffaugment
+
+    x = images(6, 3, 8).double()
+    u, _ = draws(0, 1, 2, range(6), 7, 0, "cpu")
+    u = u.double()
+    b, s, c = (u[:, i].view(-1, 1, 1, 1) for i in range(3))
+    y = x + (b - 0.5)  # Zhao et al.'s three steps, one after the other
+    y = (y - y.mean(dim=1, keepdim=True)) * (s * 2) + y.mean(dim=1, keepdim=True)
+    y = (y - y.mean(dim=(1, 2, 3), keepdim=True)) * (c + 0.5) + y.mean(dim=(1, 2, 3), keepdim=True)
+    torch.testing.assert_close(color(x, u[:, :3]), y, rtol=0, atol=1e-12)
+    # the translation's own backward (the opposite shift) and its second derivative
+    policy = ["color", "translation", "cutout"]
+    small = x[:3].detach().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: diffaugment(t, u[:3], policy), (small,), fast_mode=True)
+    assert torch.autograd.gradgradcheck(lambda t: diffaugment(t, u[:3], policy), (small,), fast_mode=True)
+    assert diffaugment(x.float().contiguous(memory_format=torch.channels_last), u, policy).dtype == torch.float32
+
+
 def _shift(img: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     out = torch.zeros_like(img)
     H, W = img.shape[1:]

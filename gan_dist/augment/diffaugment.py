@@ -15,43 +15,66 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 TRANSLATION_RATIO = 0.125
 CUTOUT_RATIO = 0.5
 
 
-def _col(u: torch.Tensor, i: int, x: torch.Tensor) -> torch.Tensor:
-    """Column i of the draws as (N, 1, 1, 1) in the images' dtype."""
-    return u[:, i].to(x.dtype).view(-1, 1, 1, 1)
+def _col(u: torch.Tensor, i: int, dtype: torch.dtype) -> torch.Tensor:
+    """Column i of the draws as (N, 1, 1, 1)."""
+    return u[:, i].to(dtype).view(-1, 1, 1, 1)
 
 
 def color(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    x = x + (_col(u, 0, x) - 0.5)
-    mean = x.mean(dim=1, keepdim=True)
-    x = (x - mean) * (_col(u, 1, x) * 2) + mean
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    return (x - mean) * (_col(u, 2, x) + 0.5) + mean
+    """Brightness, saturation, then contrast, as one per-pixel affine map.
+
+    With b = U - 0.5, s = 2U, c = U + 0.5, m_c the pixel's channel mean and m the image mean,
+    the three steps in order give c s x + c (1 - s) m_c + (1 - c) m + b (the brightness shift
+    moves both means by b, and the saturation step keeps the image mean): one pass over the
+    image, computed in float32 (or wider), instead of five."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    b, s, c = _col(u, 0, xf.dtype) - 0.5, _col(u, 1, xf.dtype) * 2, _col(u, 2, xf.dtype) + 0.5
+    pixel_mean = xf.mean(dim=1, keepdim=True)
+    image_mean = pixel_mean.mean(dim=(2, 3), keepdim=True)
+    out = torch.addcmul((1 - c) * image_mean + b, c * (1 - s), pixel_mean)
+    return torch.addcmul(out, c * s, xf).to(x.dtype)
 
 
-def _shift_index(size: int, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, size) source positions of a shift by `shift` (N,) and whether they lie inside."""
-    src = torch.arange(size, device=shift.device).view(1, -1) - shift.view(-1, 1)
-    inside = (src >= 0) & (src < size)
-    return src.clamp(0, size - 1), inside
+class _Shift(torch.autograd.Function):
+    """out[n, :, h, w] = x[n, :, h - dy[n], w - dx[n]], zero where that lies outside.
+
+    The zero-padded image's rows are picked with one index_select (whole rows at a time) and
+    its columns with one gather. The adjoint of a shift with zeros shifted in is the opposite
+    shift, so the backward is this function again: as cheap as the forward (instead of the
+    scatter-adds of indexing's backward) and itself differentiable, to any order."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, pad_h: int, pad_w: int) -> torch.Tensor:
+        ctx.save_for_backward(dy, dx)
+        ctx.pads = (pad_h, pad_w)
+        N, C, H, W = x.shape
+        Hp, Wp = H + 2 * pad_h, W + 2 * pad_w
+        padded = F.pad(x.contiguous(), (pad_w, pad_w, pad_h, pad_h))
+        rows = torch.arange(H, device=x.device).view(1, -1) - dy.view(-1, 1) + pad_h  # (N, H) in the padded image
+        rows = (torch.arange(N * C, device=x.device).view(N, C, 1) * Hp + rows.view(N, 1, H)).view(-1)
+        picked = padded.view(N * C * Hp, Wp).index_select(0, rows).view(N, C, H, Wp)
+        cols = torch.arange(W, device=x.device).view(1, -1) - dx.view(-1, 1) + pad_w  # (N, W)
+        return picked.gather(3, cols.view(N, 1, 1, W).expand(N, C, H, W))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        dy, dx = ctx.saved_tensors
+        return _Shift.apply(grad, -dy, -dx, *ctx.pads), None, None, None, None
 
 
 def translation(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    N, _, H, W = x.shape
+    _, _, H, W = x.shape
     sh, sw = int(H * TRANSLATION_RATIO + 0.5), int(W * TRANSLATION_RATIO + 0.5)
     # a uniform integer in [-s, s]; (2s + 1) * u < 2s + 1 always
     dy = (u[:, 0] * (2 * sh + 1)).floor().long() - sh
     dx = (u[:, 1] * (2 * sw + 1)).floor().long() - sw
-    rows, in_r = _shift_index(H, dy)
-    cols, in_c = _shift_index(W, dx)
-    n = torch.arange(N, device=x.device).view(-1, 1, 1)
-    out = x.permute(0, 2, 3, 1)[n, rows.view(N, H, 1), cols.view(N, 1, W)]  # (N, H, W, C)
-    mask = (in_r.view(N, H, 1) & in_c.view(N, 1, W)).unsqueeze(1).to(x.dtype)
-    return out.permute(0, 3, 1, 2) * mask
+    return _Shift.apply(x, dy, dx, sh, sw)
 
 
 def cutout(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -64,7 +87,7 @@ def cutout(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     c = torch.arange(W, device=x.device).view(1, -1)
     in_r = (r >= top.view(-1, 1)) & (r < top.view(-1, 1) + ch)
     in_c = (c >= left.view(-1, 1)) & (c < left.view(-1, 1) + cw)
-    keep = ~(in_r.view(N, 1, H, 1) & in_c.view(N, 1, 1, W))
+    keep = ~(in_r.view(N, 1, H, 1) & in_c.view(N, 1, 1, W))  # (N, 1, H, W), broadcast over channels
     return x * keep.to(x.dtype)
 
 
@@ -78,13 +101,18 @@ def uniforms_needed(policy: Sequence[str]) -> int:
 
 
 def diffaugment(x: torch.Tensor, u: torch.Tensor, policy: Sequence[str]) -> torch.Tensor:
-    """x (N, C, H, W) through the policy's transforms in order; u (N, >= uniforms_needed(policy))."""
+    """x (N, C, H, W) through the policy's transforms in order; u (N, >= uniforms_needed(policy)).
+
+    The transforms run on one contiguous NCHW copy in float32 (or wider), and the result is
+    cast back to x's dtype once: the per-pixel channel mean and the row picking are several
+    times faster on NCHW than on channels_last, and D's convolutions take either layout."""
+    out = x.to(torch.promote_types(x.dtype, torch.float32), memory_format=torch.contiguous_format)
     col = 0
     for name in policy:
         fn, k = TRANSFORMS[name]
-        x = fn(x, u[:, col:col + k])
+        out = fn(out, u[:, col:col + k])
         col += k
-    return x
+    return out.to(x.dtype)
 
 
 __all__ = ["TRANSFORMS", "diffaugment", "uniforms_needed"]
