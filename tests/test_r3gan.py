@@ -118,6 +118,42 @@ def test_fir_resampling_interpolates():
     assert (back - smooth)[..., 2:-2, 2:-2].abs().max() < 0.02
 
 
+def _derivatives(f, x: torch.Tensor, params: list) -> list:
+    """f(x), its input gradient under create_graph, and the gradients of an R1-like penalty on
+    that gradient with respect to x and the parameters: what a D step with R1 differentiates."""
+    y = f(x)
+    g, = torch.autograd.grad((y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum(), x, create_graph=True)
+    return [y, g, *torch.autograd.grad(g.square().sum() + y.square().sum(), [x, *params])]
+
+
+@pytest.mark.parametrize("layer", ["up", "down", "pointwise", "basis"])
+def test_fast_layers_equal_the_convolutions_they_replace(layer):
+    """The slice-sum FIR resampling, the 1x1 convolutions as matmuls and D's depthwise basis as a
+    dot product: the native convolutions' values and derivatives up to second order (float64,
+    NCHW and channels_last), and their dtype under bf16 autocast."""
+    import torch.nn.functional as F
+    from gan_dist.models.r3gan.networks import DepthwiseBasisConv, PointwiseConv, Resample
+
+    torch.manual_seed(0)
+    if layer in ("up", "down"):
+        m = Resample([1, 2, 1], up=layer == "up")
+        fast, slow, params, shape = m, m.conv_resample, [], (2, 3, 8, 8)
+    else:
+        m = (PointwiseConv(5, 6, 1, bias=False) if layer == "pointwise"
+             else DepthwiseBasisConv(5, 5, 4, groups=5, bias=False)).double()
+        fast, slow, params, shape = m, lambda x: F.conv2d(x, m.weight, groups=m.groups), [m.weight], (2, 5, 4, 4)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(shape, dtype=torch.float64).to(memory_format=fmt).requires_grad_(True)
+        for a, b in zip(_derivatives(fast, x, params), _derivatives(slow, x, params)):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    m.float()
+    x = torch.randn(shape)
+    with torch.autocast("cpu", torch.bfloat16):
+        a, b = fast(x), slow(x)
+    assert a.dtype == b.dtype == torch.bfloat16
+    torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-2)
+
+
 # ---- every preset's recipe starts on a CPU --------------------------------------------------------
 @pytest.mark.timeout(1500)  # the ImageNet presets: ~100 M parameters per network, R1 + R2 double backward
 @pytest.mark.parametrize("preset", list(RESOLUTION))

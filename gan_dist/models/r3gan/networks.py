@@ -39,7 +39,37 @@ def _init_gain(module: nn.Module, gain: float) -> nn.Module:
     return module
 
 
+class PointwiseConv(nn.Conv2d):
+    """A 1x1 convolution computed as a matrix product over the channels of NHWC rows.
+
+    The same sums as the convolution; on a CPU oneDNN's 1x1 kernels and, above all, their
+    derivatives under create_graph (R1 and R2 differentiate the backward) are slower than the
+    plain matmuls a linear layer's derivatives of every order are made of. Parameters and
+    state_dict keys are those of nn.Conv2d."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the weight's rows through an NHWC view: its gradient comes back NHWC, as a convolution's does
+        w = self.weight.permute(0, 2, 3, 1).reshape(self.out_channels, self.in_channels)
+        return F.linear(x.permute(0, 2, 3, 1), w).permute(0, 3, 1, 2)
+
+
+class DepthwiseBasisConv(nn.Conv2d):
+    """The depthwise KxK convolution of a KxK input (D's basis): a per-channel dot product.
+
+    As one batched matmul; oneDNN's depthwise kernels run their double backward (R1, R2)
+    channel by channel. Other input sizes take the convolution."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[2:] != self.weight.shape[2:]:
+            return super().forward(x)
+        C, _, kh, kw = self.weight.shape
+        w = self.weight.permute(0, 2, 3, 1).reshape(C, kh, kw)  # an NHWC gradient, as above
+        return torch.einsum("nchw,chw->nc", x, w).view(x.shape[0], C, 1, 1)
+
+
 def conv(c_in: int, c_out: int, k: int = 1, groups: int = 1, gain: float = 1.0) -> nn.Conv2d:
+    if k == 1 and groups == 1:
+        return _init_gain(PointwiseConv(c_in, c_out, 1, bias=False), gain)
     return _init_gain(nn.Conv2d(c_in, c_out, k, padding=(k - 1) // 2, groups=groups, bias=False), gain)
 
 
@@ -84,16 +114,92 @@ def lowpass_kernel(taps: Sequence[float]) -> torch.Tensor:
     return (k / k.sum()).float()
 
 
+def lowpass_row(taps: Sequence[float]) -> list[float]:
+    """One direction of `lowpass_kernel`: taps * box [1, 1], sum 1 ([1, 3, 3, 1] / 8 for [1, 2, 1])."""
+    row = [0.0] * (len(taps) + 1)
+    for i, v in enumerate(taps):
+        row[i] += float(v)
+        row[i + 1] += float(v)
+    total = sum(row)
+    return [v / total for v in row]
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    nhwc = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if nhwc else torch.contiguous_format
+
+
+def _down1d(x: torch.Tensor, dim: int, row: Sequence[float], pad: int) -> torch.Tensor:
+    """y[i] = sum_t row[t] x[2i + t - pad] along `dim` (zero outside), n -> n / 2."""
+    n = x.shape[dim]
+    widths = [0, 0] * (x.dim() - 1 - dim) + [pad, pad]
+    xp = F.pad(x, widths)
+    y = None
+    for t, r in enumerate(row):
+        term = xp.narrow(dim, t, n - 1)
+        term = term[(slice(None),) * dim + (slice(None, None, 2),)]
+        y = term * r if y is None else y.add_(term, alpha=r)
+    return y
+
+
+def _up1d(x: torch.Tensor, dim: int, row: Sequence[float], pad: int) -> torch.Tensor:
+    """The adjoint of `_down1d` times 2: y[2i + t - pad] += 2 row[t] x[i], n -> 2n."""
+    n = x.shape[dim]
+    shape = list(x.shape)
+    shape[dim] = 2 * n + 2 * pad
+    y = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x)).zero_()
+    for t, r in enumerate(row):
+        target = y.narrow(dim, t, 2 * n - 1)[(slice(None),) * dim + (slice(None, None, 2),)]
+        target.add_(x, alpha=2 * r)
+    return y.narrow(dim, pad, 2 * n)
+
+
+class _FIRResample(torch.autograd.Function):
+    """gain * down(x) or gain * up(x), separable, on shifted slices, in fp32 (or x's wider dtype).
+
+    down is the strided depthwise convolution with the 4x4 kernel, up the transposed one with 4x
+    the kernel; per direction up = 2 down^T, so the backward of down is up / 4 and that of up is
+    4 down. The backward calls this Function again: derivatives of every order (R1, R2) are these
+    cheap slice sums, where oneDNN runs depthwise double backwards channel by channel."""
+
+    @staticmethod
+    def forward(ctx, x, up: bool, row: tuple, pad: int, gain: float):  # noqa: ANN001, ANN205
+        ctx.geometry = (up, row, pad, gain)
+        h = x.to(torch.promote_types(x.dtype, torch.float32))
+        f = _up1d if up else _down1d
+        h = f(f(h, 2, row, pad), 3, row, pad)
+        if gain != 1:
+            h.mul_(gain)
+        return h.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        up, row, pad, gain = ctx.geometry
+        return _FIRResample.apply(grad, not up, row, pad, gain * (4.0 if up else 0.25)), None, None, None, None
+
+
 class Resample(nn.Module):
-    """Depthwise FIR up (x2, transposed convolution) or down (x2, strided convolution) sampling."""
+    """Depthwise FIR up (x2, transposed convolution) or down (x2, strided convolution) sampling.
+
+    Computed by `_FIRResample` for even sizes: the same sums as the convolutions with the 4x4
+    kernel (`conv_resample`, which other sizes use), within rounding of fp32."""
 
     def __init__(self, taps: Sequence[float], up: bool) -> None:
         super().__init__()
         self.up = up
         self.register_buffer("kernel", lowpass_kernel(taps), persistent=False)
+        self.row = tuple(lowpass_row(taps))
         self.pad = len(taps) // 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.row) != 2 * self.pad + 2 or x.shape[2] % 2 or x.shape[3] % 2:
+            return self.conv_resample(x)
+        if torch.is_autocast_enabled(x.device.type):  # in the dtype autocast would run the convolution in
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        with torch.autocast(x.device.type, enabled=False):
+            return _FIRResample.apply(x, self.up, self.row, self.pad, 1.0)
+
+    def conv_resample(self, x: torch.Tensor) -> torch.Tensor:
         C = x.shape[1]
         k = self.kernel.to(x.dtype)
         if self.up:  # 4 = up^2 keeps the mean: each output sees a quarter of the taps
@@ -135,7 +241,7 @@ class DiscriminativeBasis(nn.Module):
 
     def __init__(self, channels: int, out: int) -> None:
         super().__init__()
-        self.basis = _init_gain(nn.Conv2d(channels, channels, 4, groups=channels, bias=False), 1.0)
+        self.basis = _init_gain(DepthwiseBasisConv(channels, channels, 4, groups=channels, bias=False), 1.0)
         self.linear = _init_gain(nn.Linear(channels, out, bias=False), 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
