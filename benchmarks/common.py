@@ -289,9 +289,15 @@ class CommCounter:
 COMM = CommCounter()
 
 
-def min_comm_bytes(params_G: int, params_D: int, world_size: int) -> int:
-    """One fp32 reduction of each model's gradients per update; nothing with one process."""
-    return 4 * (params_G + params_D) if world_size > 1 else 0
+def min_comm_bytes(params_G: int, params_D: int, world_size: int, updates: Optional[Sequence[str]] = None) -> int:
+    """One fp32 reduction of each model's gradients per update; nothing with one process.
+
+    `updates`: the models the counted iteration updated, one entry per update (a recipe's lazy
+    phases add updates: StyleGAN2's Dreg and Greg); default one update of G and one of D."""
+    if world_size <= 1:
+        return 0
+    sizes = {"G": params_G, "D": params_D}
+    return 4 * sum(sizes[m] for m in (updates if updates is not None else ("D", "G")))
 
 
 # ---- FLOPs, peak, memory ------------------------------------------------------------------------
@@ -551,6 +557,7 @@ def run_benches(benches: Sequence[Bench], spec: TimingSpec, interleave: bool = F
         with COMM.counting():
             run_iteration(b)
         b.result["comm"] = COMM.summary()
+        b.result["comm_updates"] = getattr(b, "updates", None)  # the models that iteration updated
         b.result["repeats"] = []
 
     def repeat(b: Bench) -> None:
@@ -618,7 +625,7 @@ def make_row(bench: Bench, per_rank: Sequence[dict[str, Any]], peaks: dict[str, 
     dtype = row["precision"]
     peak = peaks.get(dtype)
     comm = r0["comm"]
-    minimum = min_comm_bytes(row["params_G"], row["params_D"], W)
+    minimum = min_comm_bytes(row["params_G"], row["params_D"], W, bench.result.get("comm_updates"))
     row.update({
         "warmup": bench.warmup_iters(spec), "repeats": spec.repeats, "iters_per_repeat": spec.iters,
         "ms_per_iter": round(ms, 3), "ms_per_iter_repeats": slowest["ms_per_iter_repeats"],
@@ -635,6 +642,7 @@ def make_row(bench: Bench, per_rank: Sequence[dict[str, Any]], peaks: dict[str, 
         "mfu": round(flops / (ms / 1e3) / peak, 4) if peak else None,
         "comm_bytes_per_iter": comm["bytes"],
         "comm_min_bytes_per_iter": minimum,
+        "comm_updates": bench.result.get("comm_updates"),
         "comm_ratio": round(comm["bytes"] / minimum, 4) if minimum else None,
         "comm_calls_per_iter": comm["calls"],
         "comm_bytes_by_kind": comm["by_kind"],
@@ -771,6 +779,10 @@ class GanDistBench(Bench):
     def step(self, batches: Any) -> None:
         from gan_dist.loop import train_step
 
+        # the updates of this iteration (Dmain once per D step, every other due phase once), for
+        # the communication minimum
+        self.updates = [p.trains for p in self.recipe.due(self.iteration)
+                        for _ in range(len(batches) if p.name == "Dmain" else 1)]
         train_step(self.strategy, self.recipe, batches, self.iteration)
         self.iteration += 1  # lazy phases come every reg.d_every iterations, as in training
 
