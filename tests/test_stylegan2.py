@@ -245,14 +245,27 @@ def _upfirdn(x: torch.Tensor, up: int, down: int, pad: tuple[int, int], gain: fl
     return y.reshape(N, C, *y.shape[2:])[:, :, ::down, ::down]
 
 
-def test_fir_resampling_matches_its_definition():
+@pytest.mark.parametrize("H,W", [(8, 8), (4, 4), (32, 32), (16, 8)])
+def test_fir_resampling_matches_its_definition(H, W):
     from gan_dist.models.stylegan2.networks import FIRFilter
 
-    fir, x = FIRFilter(), torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    fir, x = FIRFilter(), torch.randn(2, 3, H, W, dtype=torch.float64)
     torch.testing.assert_close(fir.up2(x), _upfirdn(x, 2, 1, (2, 1), 4.0))
     torch.testing.assert_close(fir.pad(x, 1), _upfirdn(x, 1, 1, (1, 1), 1.0))
     torch.testing.assert_close(fir.pad(x, 2), _upfirdn(x, 1, 1, (2, 2), 1.0))
     torch.testing.assert_close(fir.down2(x), _upfirdn(x, 1, 2, (1, 1), 1.0))
+    f32 = x.float()  # the cached matrices follow the input's dtype
+    torch.testing.assert_close(fir.pad(f32, 2), _upfirdn(f32, 1, 1, (2, 2), 1.0))
+
+
+def test_fir_resampling_gradients_of_first_and_second_order():
+    from gan_dist.models.stylegan2.networks import FIRFilter
+
+    fir = FIRFilter()
+    x = torch.randn(1, 2, 6, 6, dtype=torch.float64, requires_grad=True)
+    for fn in (fir.up2, lambda t: fir.pad(t, 1), lambda t: fir.pad(t, 2), fir.down2):
+        assert torch.autograd.gradcheck(lambda t: fn(t).square(), (x,))
+        assert torch.autograd.gradgradcheck(lambda t: fn(t).square(), (x,))
 
 
 def test_minibatch_std_groups_consecutive_samples(tiny):

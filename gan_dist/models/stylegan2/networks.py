@@ -2,8 +2,8 @@
 
 The architecture follows stylegan2-ada-pytorch's `training/networks.py` (same layers, same
 parameter shapes, same equalised-learning-rate gains) with its reference (non-CUDA) operations
-written out here: bias + activation + gain + clamp, and [1,3,3,1] FIR resampling as grouped
-convolutions. Every operation is differentiable twice (R1 and path length).
+written out here: bias + activation + gain + clamp, and [1,3,3,1] FIR resampling (as banded
+matrix products per axis). Every operation is differentiable twice (R1 and path length).
 
 Deliberate differences (docs/models.md):
 - modulated convolutions always scale the activations instead of the weights (the reference's
@@ -55,6 +55,23 @@ def normalize_2nd_moment(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return x * (x.square().mean(dim=1, keepdim=True) + eps).rsqrt()
 
 
+def _fir_matrix(n: int, up: int, pad0: int, pad1: int, down: int, gain: float, dtype: torch.dtype,
+                device: torch.device) -> torch.Tensor:
+    """[n_out, n]: one axis of upfirdn with the [1,3,3,1]/8 taps: zero insertion (`up`), zero
+    padding (pad0 before, pad1 after), the taps times `gain`, every `down`-th output kept."""
+    n_out = (n * up + pad0 + pad1 - 4) // down + 1
+    m = torch.zeros(n_out, n, dtype=torch.float64)
+    for j in range(n_out):
+        for t, tap in enumerate(FIRFilter.TAPS):
+            k = down * j + t - pad0  # index into the zero-inserted input
+            if 0 <= k < n * up and k % up == 0:
+                m[j, k // up] += tap * gain
+    return m.to(device=device, dtype=dtype)
+
+
+_FIR_CACHE: dict[tuple, torch.Tensor] = {}
+
+
 class FIRFilter(nn.Module):
     """The normalised [1,3,3,1] low-pass filter (separable: [1,3,3,1]/8 along each axis), applied
     to every channel alike, with the reference's paddings:
@@ -62,42 +79,36 @@ class FIRFilter(nn.Module):
     `pad(p)`: the filter with p pixels of zero padding per side, no resampling;
     `down2`: the filter with 1 pixel of padding, every second pixel kept.
 
-    Written as weighted sums of shifted slices (four per axis; upsampling in its two phases)
-    instead of convolutions with a one-channel kernel, whose CPU backward is slow; elementwise
-    arithmetic is differentiable to any order. `tests/test_stylegan2.py` checks it against the
-    definition (zero insertion, padding, a 2-D convolution with the 4x4 kernel)."""
+    Each axis is one matrix product with a banded [n_out, n] matrix that holds the padding,
+    zero insertion and stride (x @ M_w^T, then M_h @ x): two GEMMs forward and two backward, differentiable
+    to any order, instead of a one-channel convolution (slow CPU backward) or shifted slices
+    (each slice's backward writes a zero tensor of the input's size). `tests/test_stylegan2.py`
+    checks it against the definition (zero insertion, padding, a 2-D convolution with the 4x4
+    kernel)."""
 
     TAPS = tuple(t / 8 for t in FIR)
 
     @staticmethod
-    def _axis(x: torch.Tensor, dim: int, step: int, n_out: int) -> torch.Tensor:
-        f = FIRFilter.TAPS
-        return sum(f[t] * x.narrow(dim, t, step * (n_out - 1) + 1)[(slice(None),) * dim + (slice(None, None, step),)]
-                   for t in range(4))
+    def _matrix(n: int, up: int, pad0: int, pad1: int, down: int, gain: float, like: torch.Tensor) -> torch.Tensor:
+        key = (n, up, pad0, pad1, down, gain, like.dtype, like.device)
+        m = _FIR_CACHE.get(key)
+        if m is None:
+            m = _FIR_CACHE[key] = _fir_matrix(n, up, pad0, pad1, down, gain, like.dtype, like.device)
+        return m
+
+    def _resample(self, x: torch.Tensor, up: int, pad0: int, pad1: int, down: int, gain: float) -> torch.Tensor:
+        mh = self._matrix(x.shape[2], up, pad0, pad1, down, gain, x)
+        mw = mh if x.shape[3] == x.shape[2] else self._matrix(x.shape[3], up, pad0, pad1, down, gain, x)
+        return torch.matmul(mh, torch.matmul(x, mw.t()))
 
     def pad(self, x: torch.Tensor, p: int) -> torch.Tensor:
-        x = F.pad(x, (p, p, p, p))
-        H, W = x.shape[2] - 3, x.shape[3] - 3
-        return self._axis(self._axis(x, 3, 1, W), 2, 1, H)
+        return self._resample(x, 1, p, p, 1, 1.0)
 
     def down2(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.pad(x, (1, 1, 1, 1))
-        H, W = (x.shape[2] - 3 + 1) // 2, (x.shape[3] - 3 + 1) // 2
-        return self._axis(self._axis(x, 3, 2, W), 2, 2, H)
-
-    @staticmethod
-    def _up_axis(x: torch.Tensor, dim: int) -> torch.Tensor:
-        # out[2m] = 3/4 x[m] + 1/4 x[m-1], out[2m+1] = 3/4 x[m] + 1/4 x[m+1] (zeros outside)
-        n = x.shape[dim]
-        pad = [0, 0] * (x.dim() - 1 - dim) + [1, 1]
-        xp = F.pad(x, pad)
-        prev, nxt = xp.narrow(dim, 0, n), xp.narrow(dim, 2, n)
-        even, odd = 0.75 * x + 0.25 * prev, 0.75 * x + 0.25 * nxt
-        out = torch.stack([even, odd], dim=dim + 1)
-        return out.reshape(*x.shape[:dim], 2 * n, *x.shape[dim + 1:])
+        return self._resample(x, 1, 1, 1, 2, 1.0)
 
     def up2(self, x: torch.Tensor) -> torch.Tensor:
-        return self._up_axis(self._up_axis(x, 3), 2)
+        return self._resample(x, 2, 2, 1, 1, 2.0)  # gain 4: 2 per axis
 
 
 class FullyConnected(nn.Module):
