@@ -200,8 +200,8 @@ def resample(x: torch.Tensor, G: torch.Tensor, taps: tuple[float, ...] = SYM6) -
     # largely offsets the filter's delay: a flip or 90-degree rotation of a smooth image is
     # then nearly exact.
     cy, cx = (H - 1) / 2 - 0.25, (W - 1) / 2 - 0.25
-    oy = (downsample_positions(H, L).to(x.device, x.dtype) - cy) / (H / 2)
-    ox = (downsample_positions(W, L).to(x.device, x.dtype) - cx) / (W / 2)
+    oy = (downsample_positions(H, L, x.device, x.dtype) - cy) / (H / 2)
+    ox = (downsample_positions(W, L, x.device, x.dtype) - cx) / (W / 2)
     g = G.to(x.dtype)
     gx = g[:, 0, 0, None, None] * ox.view(1, 1, -1) + g[:, 0, 1, None, None] * oy.view(1, -1, 1) + g[:, 0, 2, None, None]
     gy = g[:, 1, 0, None, None] * ox.view(1, 1, -1) + g[:, 1, 1, None, None] * oy.view(1, -1, 1) + g[:, 1, 2, None, None]

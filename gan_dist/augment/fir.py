@@ -62,10 +62,12 @@ def _upsample_matrix(n: int, taps: tuple[float, ...], band: int) -> torch.Tensor
     return A
 
 
-def upsample_matrix(n: int, taps: Sequence[float], band: int, device: torch.device | str = "cpu",
+@functools.lru_cache(maxsize=64)
+def upsample_matrix(n: int, taps: tuple[float, ...], band: int, device: torch.device | str = "cpu",
                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(2 (n - 1 + 2 band), n): n pixels -> their 2x upsampling, reflect-padded, on the
-    coordinates [-band, n - 1 + band] (output m at m / 2 + 1/4 - band)."""
+    coordinates [-band, n - 1 + band] (output m at m / 2 + 1/4 - band). Cached per device and
+    dtype, so a step copies nothing to the device."""
     return _upsample_matrix(n, tuple(float(t) for t in taps), band).to(device, dtype)
 
 
@@ -78,16 +80,19 @@ def _downsample_matrix(n: int, taps: tuple[float, ...]) -> torch.Tensor:
     return torch.where((t >= 0) & (t < L), f[t.clamp(0, L - 1)], torch.zeros((), dtype=torch.float64))
 
 
-def downsample_matrix(n: int, taps: Sequence[float], device: torch.device | str = "cpu",
+@functools.lru_cache(maxsize=64)
+def downsample_matrix(n: int, taps: tuple[float, ...], device: torch.device | str = "cpu",
                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(n, 2 (n - 1) + L): 2x samples at s / 2 - (L - 1) / 4 (s = 0, 1, ...) -> n pixels,
     output i = sum_t f[t] u[2 i + t]."""
     return _downsample_matrix(n, tuple(float(t) for t in taps)).to(device, dtype)
 
 
-def downsample_positions(n: int, L: int) -> torch.Tensor:
+@functools.lru_cache(maxsize=64)
+def downsample_positions(n: int, L: int, device: torch.device | str = "cpu",
+                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The coordinates (in pixels of the n-pixel result) of the 2x samples `downsample_matrix` reads."""
-    return torch.arange(2 * (n - 1) + L, dtype=torch.float64) / 2 - (L - 1) / 4
+    return (torch.arange(2 * (n - 1) + L, dtype=torch.float64) / 2 - (L - 1) / 4).to(device, dtype)
 
 
 __all__ = ["SYM6", "downsample_matrix", "downsample_positions", "reflect_index", "upsample_matrix"]
