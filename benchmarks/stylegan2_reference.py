@@ -10,7 +10,8 @@ runs its `training/loss.py` StyleGAN2Loss and the phase loop of `training/traini
 (rewritten here: its loop also loads data and writes snapshots) on its reference (non-CUDA)
 operations; no augmentation, no G EMA on either side. Blocks of `--iters` iterations alternate
 between the two (`--repeats` each, after one warm-up block), so both see the same machine load.
-The reference checkout is imported from `--ref` only (it cannot be installed here; its `requests`
+`--precision fp32,bf16` adds a gan_dist row in bf16 autocast (its CPU default), timed in the same
+rotation; the reference stays fp32, the only precision its CPU path has. The reference checkout is imported from `--ref` only (it cannot be installed here; its `requests`
 import is stubbed, it downloads nothing in this path). Results go to benchmarks/results/.
 """
 from __future__ import annotations
@@ -37,13 +38,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 R1_GAMMA, G_EVERY, D_EVERY, LR = 0.0064, 4, 16, 0.0025
 
 
-def gan_dist_side(model: str, batch: int, overrides: list[str]) -> tuple[Callable[[int], None], dict[str, Any]]:
+def gan_dist_side(model: str, batch: int, overrides: list[str],
+                  precision: str = "fp32") -> tuple[Callable[[int], None], dict[str, Any]]:
     from gan_dist import distributed as gdist
     from gan_dist.build import setup_models, step_batches
     from gan_dist.loop import train_step
     from gan_dist.parallel import build_strategy
 
-    cfg = common.build_config(model, batch, "fp32", "none", False, False,
+    cfg = common.build_config(model, batch, precision, "none", False, False,
                               [f"reg.r1_gamma={R1_GAMMA}", f"reg.d_every={D_EVERY}", f"train.lr_g={LR}",
                                f"train.lr_d={LR}", "train.beta1=0", "train.beta2=0.99", "ema.enabled=false",
                                *overrides])
@@ -122,6 +124,9 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=16, help="iterations per timed block (a multiple of 16: every phase)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--precision", default="fp32",
+                   help="comma-separated precisions of gan_dist's rows, e.g. fp32,bf16 (the reference runs "
+                        "fp32 only: its CPU path has no other precision); the first must be fp32")
     p.add_argument("--revision", default=None, help="the reference's commit, when --ref is not a git work tree")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override for both sides' sizes, e.g. model.stylegan2.channel_max=64")
@@ -132,9 +137,17 @@ def main() -> None:
     revision = args.revision or subprocess.run(["git", "-C", str(ref), "rev-parse", "HEAD"], capture_output=True,
                                                text=True).stdout.strip()
 
-    ours, ours_info = gan_dist_side(args.model, args.batch_size, args.overrides)
+    precisions = [x.strip() for x in args.precision.split(",") if x.strip()]
+    if not precisions or precisions[0] != "fp32" or not set(precisions) <= {"fp32", "bf16"}:
+        raise SystemExit(f"--precision {args.precision!r}: give fp32 first, then optionally bf16")
+    sides: dict[str, Callable[[int], None]] = {}
+    infos: dict[str, dict[str, Any]] = {}
+    for prec in precisions:
+        name = "gan_dist" if prec == "fp32" else f"gan_dist {prec}"
+        sides[name], infos[name] = gan_dist_side(args.model, args.batch_size, args.overrides, prec)
+    ours_info = infos["gan_dist"]
     theirs, theirs_info = reference_side(ref, ours_info.pop("cfg"), args.batch_size)
-    sides = {"gan_dist": ours, "reference": theirs}
+    sides["reference"] = theirs
     seconds: dict[str, list[float]] = {k: [] for k in sides}
     for step in sides.values():  # warm-up block (allocations, first-iteration paths)
         timed(step, 0, args.iters)
@@ -153,6 +166,7 @@ def main() -> None:
         "reference": {"repo": "NVlabs/stylegan2-ada-pytorch", "revision": revision},
         "model": args.model, "overrides": args.overrides, "batch_size": args.batch_size, "iters_per_block": args.iters,
         "repeats": args.repeats, "threads": args.threads, "precision": "fp32",
+        "gan_dist_precisions": precisions, "reference_precision": "fp32 (its only precision on a CPU)",
         "recipe": {"r1_gamma": R1_GAMMA, "d_reg_every": D_EVERY, "pl_weight": 2.0, "g_reg_every": G_EVERY,
                    "style_mixing": 0.9, "lr": LR, "betas": [0, 0.99]},
         "params": {"gan_dist": ours_info["params"], "reference": theirs_info["params"]},
@@ -160,6 +174,8 @@ def main() -> None:
                     "torch": torch.__version__},
         "rows": rows,
         "speedup": round(rows["gan_dist"]["img_per_sec"] / rows["reference"]["img_per_sec"], 3),
+        "speedups": {name: round(rows[name]["img_per_sec"] / rows["reference"]["img_per_sec"], 3)
+                     for name in rows if name != "reference"},
     }
     out = Path(args.out) if args.out else RESULTS / "stylegan2_reference_cpu.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
