@@ -246,10 +246,14 @@ def _upfirdn(x: torch.Tensor, up: int, down: int, pad: tuple[int, int], gain: fl
 
 
 @pytest.mark.parametrize("H,W", [(8, 8), (4, 4), (32, 32), (16, 8)])
-def test_fir_resampling_matches_its_definition(H, W):
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_fir_resampling_matches_its_definition(H, W, layout):
     from gan_dist.models.stylegan2.networks import FIRFilter
 
     fir, x = FIRFilter(), torch.randn(2, 3, H, W, dtype=torch.float64)
+    if layout == "nhwc":  # the depthwise-convolution path
+        x = x.contiguous(memory_format=torch.channels_last)
+        assert fir.pad(x, 1).is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(fir.up2(x), _upfirdn(x, 2, 1, (2, 1), 4.0))
     torch.testing.assert_close(fir.pad(x, 1), _upfirdn(x, 1, 1, (1, 1), 1.0))
     torch.testing.assert_close(fir.pad(x, 2), _upfirdn(x, 1, 1, (2, 2), 1.0))
@@ -258,14 +262,59 @@ def test_fir_resampling_matches_its_definition(H, W):
     torch.testing.assert_close(fir.pad(f32, 2), _upfirdn(f32, 1, 1, (2, 2), 1.0))
 
 
-def test_fir_resampling_gradients_of_first_and_second_order():
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_fir_resampling_gradients_of_first_and_second_order(layout):
     from gan_dist.models.stylegan2.networks import FIRFilter
 
     fir = FIRFilter()
-    x = torch.randn(1, 2, 6, 6, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(1, 2, 6, 6, dtype=torch.float64)
+    if layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
     for fn in (fir.up2, lambda t: fir.pad(t, 1), lambda t: fir.pad(t, 2), fir.down2):
         assert torch.autograd.gradcheck(lambda t: fn(t).square(), (x,))
         assert torch.autograd.gradgradcheck(lambda t: fn(t).square(), (x,))
+
+
+def test_clamp_skipped_in_range_gives_the_clamps_values_and_gradients():
+    from gan_dist.models.stylegan2.networks import bias_act
+
+    b = torch.randn(4)
+    for scale in (1.0, 100.0):  # all within +-256 (the clamp would change nothing), and partly beyond
+        x = (torch.randn(3, 4, 5, 5, dtype=torch.float64) * scale).requires_grad_()
+        ours = bias_act(x, b.double(), lrelu=True, gain=1.0, clamp=256.0)
+        ref = (torch.nn.functional.leaky_relu(x + b.double().reshape(1, -1, 1, 1), 0.2) * math.sqrt(2)).clamp(-256, 256)
+        assert torch.equal(ours, ref)
+        y = torch.randn_like(ours)
+        g_ours, = torch.autograd.grad((ours * y).sum(), x, create_graph=True)
+        g_ref, = torch.autograd.grad((ref * y).sum(), x, create_graph=True)
+        assert torch.equal(g_ours, g_ref)
+        assert (scale > 1) == bool((ours.abs() == 256).any())  # the second case does clamp
+
+
+def test_cpu_nhwc_layout_equals_the_nchw_path(tiny, monkeypatch):
+    """On a CPU the convolutions (and the FIR filters after them) run NHWC: G's and D's outputs,
+    their parameter gradients and an R1-style double backward equal the plain NCHW path's."""
+    import gan_dist.models.stylegan2.networks as networks
+
+    spec, G, D = tiny
+    z, real = torch.randn(8, 16), torch.randn(8, 1, 32, 32)
+
+    def run():
+        G.zero_grad(), D.zero_grad()
+        img = G(z, noise_seeds=tuple(range(8)))
+        x = real.clone().requires_grad_()
+        logits = D(img) + D(x)
+        grad, = torch.autograd.grad(logits.sum(), x, create_graph=True)
+        (logits.mean() + grad.square().sum()).backward()
+        return img.detach(), {n: p.grad.clone() for n, p in [*G.named_parameters(), *D.named_parameters()]}
+
+    nhwc_img, nhwc_grads = run()
+    monkeypatch.setattr(networks, "_layout", lambda t: t)
+    nchw_img, nchw_grads = run()
+    torch.testing.assert_close(nhwc_img, nchw_img, rtol=1e-4, atol=1e-5)
+    for name, g in nchw_grads.items():
+        torch.testing.assert_close(nhwc_grads[name], g, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
 def test_minibatch_std_groups_consecutive_samples(tiny):
