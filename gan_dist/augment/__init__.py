@@ -80,14 +80,20 @@ class Augment:
         raise NotImplementedError
 
     def wrap(self, D: Callable, step: int, phase: str, index: Sequence[int]) -> Callable:
-        """D as the phase sees it: each call augments its images first, with draws of its own."""
+        """D as the phase sees it: each call augments its images first, with draws of its own.
+
+        The augmentation runs outside autocast, in float32 (cast back to the images' dtype):
+        the same arithmetic whatever train.precision, for real and fake images alike, and no
+        bf16 rounding of ADA's filter taps and resampling products."""
         calls = [0]
 
         def augmented(x: torch.Tensor, c: Optional[torch.Tensor] = None) -> torch.Tensor:
             idx = index if len(index) == x.shape[0] else range(x.shape[0])
             key = call_key(phase, calls[0])
             calls[0] += 1
-            return D(self.apply(x, step, key, idx), c)
+            with torch.autocast(x.device.type, enabled=False):
+                x = self.apply(x, step, key, idx)
+            return D(x, c)
         return augmented
 
     def observe(self, real_logits: torch.Tensor) -> None:

@@ -20,8 +20,8 @@ reflected band (3 pixels for the filter plus 1/8 of the side, `band`) and lookup
 are mirrored back by coordinate: inside the band the result is the reference's (to float
 rounding), beyond it (corners of large rotations or zooms out) mirroring the 2x image is not
 quite upsampling the mirrored image, as the filter is not symmetric (a 32-pixel noise image
-rotated by 0.3 pi: up to 0.06 in its corners), and it keeps mirroring where the reference's
-padding would end in zeros.
+rotated by 0.3 pi: up to 0.12 in its corners); more than a side beyond the image both read
+zeros.
 
 The colour ops compose into one 4x4 matrix per sample. A grayscale image gets the brightness
 and contrast part of the colour matrix (its mean gain and offset), as in the reference. Both
@@ -33,6 +33,7 @@ pipeline never changes the draws of the ops that remain.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -169,15 +170,16 @@ def color_matrix(ops: tuple[str, ...], u: torch.Tensor, n: torch.Tensor, p: torc
 
 def _sample_coords(pos: torch.Tensor, n: int) -> torch.Tensor:
     """Pixel coordinates (any shape) of an n-pixel axis -> grid_sample's [-1, 1] over the
-    upsampled band [-band(n), n - 1 + band(n)]. Points beyond the band are first mirrored about the
-    first and last pixel (reflect padding, as far out as needed); inside it the upsampling
-    itself holds the reflected pixels, filtered as the reference filters its padded image."""
-    period = 2 * (n - 1)
-    folded = pos.remainder(period)
-    folded = torch.minimum(folded, period - folded)
-    b = band(n)
-    pos = torch.where((pos - (n - 1) / 2).abs() > (n - 1) / 2 + b, folded, pos)
-    return (pos + b) * (2 / (n - 1 + 2 * b)) - 1
+    upsampled band [-band(n), n - 1 + band(n)], as the reference pads: inside the band the
+    upsampling itself holds the reflected pixels (filtered as the reference filters its padded
+    image); points beyond it are mirrored about the first or last pixel; points more than n - 1
+    pixels outside the image, beyond the reference's widest padding, read zeros as there."""
+    b, c = band(n), (n - 1) / 2
+    off = (pos - c).abs()
+    mirrored = (n - 1) - ((n - 1) - pos.abs()).abs()  # one reflection about pixel 0 or n - 1
+    pos = torch.where(off > c + b - 0.25, mirrored, pos)  # past the band's outermost 2x sample
+    grid = (pos + b) * (2 / (n - 1 + 2 * b)) - 1
+    return grid.masked_fill_(off > c + (n - 1), -2.0)  # outside: zeros
 
 
 def resample(x: torch.Tensor, G: torch.Tensor, taps: tuple[float, ...] = SYM6) -> torch.Tensor:
@@ -200,19 +202,29 @@ def resample(x: torch.Tensor, G: torch.Tensor, taps: tuple[float, ...] = SYM6) -
     # largely offsets the filter's delay: a flip or 90-degree rotation of a smooth image is
     # then nearly exact.
     cy, cx = (H - 1) / 2 - 0.25, (W - 1) / 2 - 0.25
-    oy = (downsample_positions(H, L, x.device, x.dtype) - cy) / (H / 2)
-    ox = (downsample_positions(W, L, x.device, x.dtype) - cx) / (W / 2)
-    g = G.to(x.dtype)
-    gx = g[:, 0, 0, None, None] * ox.view(1, 1, -1) + g[:, 0, 1, None, None] * oy.view(1, -1, 1) + g[:, 0, 2, None, None]
-    gy = g[:, 1, 0, None, None] * ox.view(1, 1, -1) + g[:, 1, 1, None, None] * oy.view(1, -1, 1) + g[:, 1, 2, None, None]
-    grid = torch.stack([_sample_coords(gx * (W / 2) + cx, W), _sample_coords(gy * (H / 2) + cy, H)], dim=-1)
-    looked_up = F.grid_sample(up, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    oy, ox = _output_positions(H, L, x.device, x.dtype), _output_positions(W, L, x.device, x.dtype)
+    # output [-1, 1] -> input pixel coordinates: a (N, 1, Wo) and an (N, Ho, 1) term per axis,
+    # added once at the full size
+    g = G[:, :2, :].to(x.dtype)
+    pix = [(g[:, k, 0, None, None] * ox.view(1, 1, -1) + g[:, k, 2, None, None]) * half + centre
+           + (g[:, k, 1, None, None] * half) * oy.view(1, -1, 1)
+           for k, (half, centre) in enumerate(((W / 2, cx), (H / 2, cy)))]
+    grid = torch.stack([_sample_coords(pix[0], W), _sample_coords(pix[1], H)], dim=-1)
+    looked_up = F.grid_sample(up, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return _along_rows_then_columns(looked_up, down_h, down_w)
+
+
+@functools.lru_cache(maxsize=16)
+def _output_positions(n: int, L: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The 2x samples the downsampling reads along an n-pixel axis, about the transforms' centre
+    (a quarter pixel before the image's), in [-1, 1] units of the image."""
+    return (downsample_positions(n, L, device, dtype) - ((n - 1) / 2 - 0.25)) / (n / 2)
 
 
 def _along_rows_then_columns(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """rows @ x @ cols.T for every image and channel: the column map as one large matrix product
-    over all image rows, then the row map batched (faster than two batched products)."""
+    over all image rows, then the row map batched (faster here than the other order or two
+    batched products)."""
     B, C, H, W = x.shape
     y = (x.reshape(B * C * H, W) @ cols.T).view(B * C, H, cols.shape[0])
     return torch.matmul(rows, y).view(B, C, rows.shape[0], cols.shape[0])
