@@ -65,7 +65,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override for every row, e.g. parallel.fsdp.reshard_after_forward=false")
     p.add_argument("--seed-loop", action=argparse.BooleanOptionalAction, default=True,
-                   help="time the DCGAN example's loop too (one process only)")
+                   help="time the DCGAN example's loop too (one process, DCGAN models only)")
     p.add_argument("--interleave", action="store_true",
                    help="prepare all rows first and time their repeats round-robin (robust ratios on a "
                         "busy machine; memory then counts earlier rows' resident state)")
@@ -168,6 +168,8 @@ def run(args: argparse.Namespace) -> Optional[dict[str, Any]]:
     if args.seed_loop and info.world_size == 1:
         try:
             cfg = common.build_config(args.model, args.batch_size, "fp32", "none", False, False, args.overrides)
+            if cfg.model.arch != "dcgan":  # the example's loop is DCGAN's: its G takes (N, nz, 1, 1) noise
+                raise ValueError(f"the DCGAN example's loop has no {cfg.model.arch} (--model {args.model})")
             benches.append(SeedLoopBench(cfg, info, args.data, timeline, args.model))
         except ValueError as exc:
             skipped.append({"label": "seed_loop fp32", "reason": str(exc)})

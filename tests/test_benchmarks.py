@@ -165,3 +165,19 @@ def test_scaling_and_ddp_communication_is_the_minimum(tmp_path):
         assert any(s["label"].startswith("gan_dist fsdp") for s in res["skipped"])
     text = md.read_text()
     assert "| gan_dist ddp fp32 matmul_conv | 2 |" in text and "efficiency" in text
+
+
+def test_throughput_of_another_family_skips_the_dcgan_example_loop(tmp_path):
+    """The example's loop is DCGAN's: for a StyleGAN2 model the default --seed-loop is reported
+    as skipped with the reason, and gan_dist's own rows run."""
+    from tests.workers.sharded_worker import STYLEGAN2_TINY
+
+    out = tmp_path / "t.json"
+    sets = [a for kv in STYLEGAN2_TINY for a in ("--set", kv)]
+    run([PYTHON, THROUGHPUT, "--model", "stylegan2-64", "--batch-size", "4", *sets, "--precision", "fp32",
+         "--no-compile", "--no-channels-last", "--warmup", "0", "--repeats", "1", "--iters", "1",
+         "--peak-size", "256", "--json", str(out)], timeout=400, env=base_env(threads=1))
+    res = json.loads(out.read_text())
+    assert [r["impl"] for r in res["rows"]] == ["gan_dist"]
+    skipped = [s for s in res["skipped"] if s["label"] == "seed_loop fp32"]
+    assert len(skipped) == 1 and "stylegan2" in skipped[0]["reason"]

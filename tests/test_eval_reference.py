@@ -1,6 +1,6 @@
 """gan_dist's FID, KID, IS and precision/recall equal torch-fidelity's own `calculate_metrics` on
 the same image folders and the same weight files (random ones in the published layouts: offline),
-at image sizes 32, 64 and 299. Same seeds: KID's subsets and IS's splits are the reference's."""
+at image sizes 32 (resized) and 299 (not). Same seeds: KID's subsets and IS's splits are the reference's."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -59,8 +59,8 @@ def reference_metrics(fake: Path, real: Path, weights: dict[str, Path], pr: bool
     return out
 
 
-@pytest.mark.parametrize("size,pr", [(32, True), pytest.param(64, False, marks=pytest.mark.slow),
-                                     pytest.param(299, False, marks=pytest.mark.slow)])
+# 32 px: resized to the networks' input (64 px took the same path); 299 px: no resize
+@pytest.mark.parametrize("size,pr", [(32, True), pytest.param(299, False, marks=pytest.mark.slow)])
 def test_metrics_equal_torch_fidelity(size, pr, weights, tmp_path, monkeypatch):
     real = write_set(tmp_path / "real", size, seed=1, shift=0.0)
     fake = write_set(tmp_path / "fake", size, seed=2, shift=0.3, gray=2)
