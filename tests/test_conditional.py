@@ -257,3 +257,29 @@ def test_stylegan2_conditional_two_processes_equal_one(tmp_path, sg2_conditional
     r0, _ = job(tmp_path, f"sg2-{name}", 2, *STRATEGIES[name], *SG2_LABELLED)
     assert_same_weights(r0, sg2_conditional_reference, 5, ("model.arch=stylegan2", *STYLEGAN2_TINY))
     assert "mapping.embed.weight" in r0["G"] and "mapping.embed.weight" in r0["D"]
+
+
+# R3GAN (class embedding concatenated to z in G's basis input, D's logit a projection onto a class
+# embedding), R1 + R2 in every D step; as for StyleGAN2, the strategies whose handling depends on
+# the family's layers: FSDP2 (the stages are the units) and ZeRO-3
+R3GAN_LABELLED = ("--model", "r3gan", "--global-batch", "8", "--iters", "3", "--num-classes", "5", "--loss", "rpgan",
+                  "--r1", "2", "--r2", "2", "--d-every", "1")
+R3GAN_TINY = ("model.arch=r3gan", "model.r3gan.preset=tiny")
+
+
+@pytest.fixture(scope="module")
+def r3gan_conditional_reference(tmp_path_factory):
+    from tests.test_recipe_exact import job
+
+    return job(tmp_path_factory.mktemp("r3-one"), "r3", 1, "--strategy", "none", *R3GAN_LABELLED)[0]
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize("name", ["fsdp", "zero3"])
+def test_r3gan_conditional_two_processes_equal_one(tmp_path, r3gan_conditional_reference, name):
+    from tests.test_recipe_exact import STRATEGIES, job
+
+    r0, _ = job(tmp_path, f"r3-{name}", 2, *STRATEGIES[name], *R3GAN_LABELLED)
+    assert_same_weights(r0, r3gan_conditional_reference, 5, R3GAN_TINY)
+    assert "embed.weight" in r0["G"] and any("embed" in k for k in r0["D"])
