@@ -16,6 +16,14 @@ iterations alternate between the two (`--repeats` each, after one warm-up block)
 the same machine load. The reference checkout is imported from `--ref` only (it is not a
 package); its `pkg_resources` import (only `parse_version`) is answered by `packaging` and its
 `requests` import is stubbed: nothing is downloaded in this path. Results go to benchmarks/results/.
+
+    python benchmarks/r3gan_reference.py --ref /path/to/R3GAN --check-outputs --threads 1
+
+does not time: it copies gan_dist's G and D weights into the reference's (an explicit name map that
+pairs every parameter once) at the digits demo's widths and the cifar10 preset's, unconditional and
+with 10 classes, and compares G's images, D's logits, R1's input gradient and the parameter gradients
+of the R1 penalty and of G's loss, in fp32 and in fp64; and each layer's init std of both sides
+(r3gan_reference_outputs.{json,md}).
 """
 from __future__ import annotations
 
@@ -154,6 +162,321 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
     path.write_text("\n".join(lines))
 
 
+# ---- --check-outputs: the same weights, the same outputs -----------------------------------------
+# The settings the equality mode covers: the digits demo's widths (configs/r3gan_digits.yaml, RGB: the
+# reference's networks have 3 channels) and the cifar10 preset's, each unconditional and with 10 classes.
+CHECK_SETTINGS = {
+    "digits": ["model.resolution=32", "model.r3gan.preset=tiny", "model.r3gan.widths=[32,32,16,8]",
+               "model.r3gan.cardinalities=[1,1,1,1]", "model.r3gan.blocks=[1,1,1,0]", "model.r3gan.expansion=2",
+               "model.r3gan.z_dim=32"],
+    "cifar10": ["model.resolution=32", "model.r3gan.preset=cifar10"],
+}
+# gan_dist's parameter names -> the reference's (training/networks.py wrappers, R3GAN/Networks.py inside).
+# Stages and layer indices are the same on both sides (G: transition first, D: transition last). Neither side
+# scales its weights at run time (the reference's Convolution casts the dtype only, its bias_act runs with
+# gain=1), so every weight is copied unscaled: the factor of each rule is 1, kept explicit for the check.
+NAME_MAP: dict[str, list[tuple[str, str, float]]] = {
+    "G": [(r"stages\.(\d+)\.layers\.0\.basis", r"Model.MainLayers.\1.Layers.0.Basis", 1.0),
+          (r"stages\.(\d+)\.layers\.0\.linear\.weight", r"Model.MainLayers.\1.Layers.0.LinearLayer.weight", 1.0),
+          (r"to_image\.weight", "Model.AggregationLayer.Layer.weight", 1.0),
+          (r"embed\.weight", "Model.EmbeddingLayer.weight", 1.0)],
+    "D": [(r"from_image\.weight", "Model.ExtractionLayer.Layer.weight", 1.0),
+          (r"stages\.(\d+)\.layers\.(\d+)\.basis\.weight", r"Model.MainLayers.\1.Layers.\2.Basis.weight", 1.0),
+          (r"stages\.(\d+)\.layers\.(\d+)\.linear\.weight", r"Model.MainLayers.\1.Layers.\2.LinearLayer.weight", 1.0),
+          (r"embed\.weight", "Model.EmbeddingLayer.weight", 1.0)],
+    "both": [(r"stages\.(\d+)\.layers\.(\d+)\.expand\.weight", r"Model.MainLayers.\1.Layers.\2.LinearLayer1.Layer.weight", 1.0),
+             (r"stages\.(\d+)\.layers\.(\d+)\.grouped\.weight", r"Model.MainLayers.\1.Layers.\2.LinearLayer2.Layer.weight", 1.0),
+             (r"stages\.(\d+)\.layers\.(\d+)\.project\.weight", r"Model.MainLayers.\1.Layers.\2.LinearLayer3.Layer.weight", 1.0),
+             (r"stages\.(\d+)\.layers\.(\d+)\.act1\.bias", r"Model.MainLayers.\1.Layers.\2.NonLinearity1.Bias", 1.0),
+             (r"stages\.(\d+)\.layers\.(\d+)\.act2\.bias", r"Model.MainLayers.\1.Layers.\2.NonLinearity2.Bias", 1.0),
+             (r"stages\.(\d+)\.layers\.(\d+)\.proj\.weight", r"Model.MainLayers.\1.Layers.\2.LinearLayer.Layer.weight", 1.0)],
+}
+
+
+def reference_name(net: str, name: str) -> tuple[str, float]:
+    """The reference's name for one of gan_dist's parameters, and the factor its value is multiplied by."""
+    import re
+
+    for pattern, repl, factor in NAME_MAP[net] + NAME_MAP["both"]:
+        if re.fullmatch(pattern, name):
+            return re.sub(pattern, repl, name), factor
+    raise KeyError(f"no rule maps gan_dist's {net} parameter {name!r} to the reference's")
+
+
+def name_pairs(net: str, ours: torch.nn.Module, theirs: torch.nn.Module) -> list[tuple[str, str, float]]:
+    """Every parameter of both sides paired exactly once, with equal shapes (or an error naming the gap)."""
+    theirs_params = dict(theirs.named_parameters())
+    pairs = []
+    for name, q in ours.named_parameters():
+        ref, factor = reference_name(net, name)
+        if ref not in theirs_params or theirs_params[ref].shape != q.shape:
+            raise SystemExit(f"{net}: {name} {tuple(q.shape)} -> {ref}: "
+                             f"{tuple(theirs_params[ref].shape) if ref in theirs_params else 'missing'}")
+        pairs.append((name, ref, factor))
+    unmapped = set(theirs_params) - {r for _, r, _ in pairs}
+    if unmapped or len(pairs) != len(theirs_params):
+        raise SystemExit(f"{net}: reference parameters no gan_dist parameter maps to: {sorted(unmapped)}")
+    return pairs
+
+
+def build_pair(setting: str, classes: int, seed: int) -> dict[str, Any]:
+    """gan_dist's G and D (its spec, its init at `seed`) and the reference's at the same sizes (its own init)."""
+    from training.networks import Discriminator, Generator
+
+    from gan_dist.config import load_config
+    from gan_dist.models import model_spec
+    from gan_dist.models.r3gan import resolve
+
+    cfg = load_config(None, ["model.arch=r3gan", "model.channels=3", f"model.num_classes={classes}",
+                             *CHECK_SETTINGS[setting]])
+    spec = model_spec(cfg.model)
+    G, D = spec.build(seed)
+    p, R = resolve(cfg.model.r3gan), cfg.model.resolution
+    embed = {"ConditionEmbeddingDimension": p.z_dim} if classes else {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        G_ref = Generator(NoiseDimension=p.z_dim, WidthPerStage=list(p.widths), CardinalityPerStage=list(p.cardinalities),
+                          BlocksPerStage=list(p.blocks), ExpansionFactor=p.expansion, KernelSize=cfg.model.r3gan.kernel_size,
+                          FP16Stages=[], c_dim=classes, img_resolution=R, **embed)
+        embed = {"ConditionEmbeddingDimension": p.widths[0]} if classes else {}  # train.py: G's first width
+        D_ref = Discriminator(WidthPerStage=list(p.widths)[::-1], CardinalityPerStage=list(p.cardinalities)[::-1],
+                              BlocksPerStage=list(p.blocks)[::-1], ExpansionFactor=p.expansion,
+                              KernelSize=cfg.model.r3gan.kernel_size, FP16Stages=[], c_dim=classes, img_resolution=R,
+                              **embed)
+    return {"G": G, "D": D, "G_ref": G_ref, "D_ref": D_ref, "preset": p, "resolution": R}
+
+
+def randomise_zeros_(module: torch.nn.Module, gen: torch.Generator) -> None:
+    """Draw the parameters the init sets to zero (each block's last layer, the activation biases), so that
+    every block and bias takes part in the comparison: N(0, 1/fan_in) weights, N(0, 0.2^2) biases."""
+    with torch.no_grad():
+        for q in module.parameters():
+            if q.count_nonzero() == 0:
+                std = 0.2 if q.dim() == 1 else 1.0 / q[0].numel() ** 0.5
+                q.copy_(torch.randn(q.shape, generator=gen) * std)
+
+
+def copy_weights_(pairs: list[tuple[str, str, float]], ours: torch.nn.Module, theirs: torch.nn.Module) -> None:
+    src, dst = dict(ours.named_parameters()), dict(theirs.named_parameters())
+    with torch.no_grad():
+        for name, ref, factor in pairs:
+            dst[ref].copy_(src[name] * factor)
+
+
+def difference(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
+    """max |a - b|, and relative to max |b| (the reference's scale)."""
+    err = (a.detach().double() - b.detach().double()).abs().max().item()
+    scale = b.detach().double().abs().max().item()
+    return {"max_abs": float(f"{err:.3e}"), "max_rel": float(f"{err / max(scale, 1e-30):.3e}"),
+            "scale": float(f"{scale:.4g}")}
+
+
+def r1_grads(D: torch.nn.Module, x: torch.Tensor, c: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """d D(x).sum() / dx, and the parameter gradient of the R1 penalty sum_n |dD/dx_n|^2 (the double backward)."""
+    x = x.detach().requires_grad_(True)
+    (g,) = torch.autograd.grad(D(x, c).sum(), x, create_graph=True)
+    params = list(D.parameters())
+    pg = torch.autograd.grad(g.square().sum(), params, allow_unused=True)
+    return g, [torch.zeros_like(q) if t is None else t for q, t in zip(params, pg)]
+
+
+def side_quantities(G: torch.nn.Module, D: torch.nn.Module, z: torch.Tensor, c: Any, real: torch.Tensor,
+                    order: list[str], g_order: list[str]) -> dict[str, torch.Tensor]:
+    """One side's outputs on the given inputs: G's images, D's logits, the R1 gradients, G's gradient via D;
+    parameter gradients flattened in `order` / `g_order` (parameter names of that side)."""
+    with torch.no_grad():
+        img = G(z, c)
+        out = {"G image": img, "D logit (G's images)": D(img, c)}
+        signs: list[torch.Tensor] = []
+        hooks = [m.register_forward_hook(lambda m, i, o: signs.append(o > 0)) for m in activations(D)]
+        out["D logit (random images)"] = D(real, c)
+        for h in hooks:
+            h.remove()
+        out["D branches (random images)"] = torch.cat([t.flatten() for t in signs])
+    g, pg = r1_grads(D, real, c)
+    named = dict(zip([n for n, _ in D.named_parameters()], pg))
+    out["R1 dD/dx"], out["R1 penalty dparams"] = g, torch.cat([named[n].flatten() for n in order])
+    gp = dict(zip([n for n, _ in G.named_parameters()], torch.autograd.grad(D(G(z, c), c).mean(), list(G.parameters()))))
+    out["G dparams through D"] = torch.cat([gp[n].flatten() for n in g_order])
+    return out
+
+
+def activations(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The biased leaky ReLUs, in forward order: gan_dist's BiasedLeakyReLU, the reference's NonLinearity1/2."""
+    return [m for n, m in module.named_modules()
+            if type(m).__name__ == "BiasedLeakyReLU" or n.rsplit(".", 1)[-1].startswith("NonLinearity")]
+
+
+def to_float64_(module: torch.nn.Module, reference: bool) -> None:
+    """The network in float64 (the reference: its parameters and its stages' DataType; its FIR kernels stay
+    float32, which its upfirdn2d asserts, and are cast to the input's dtype there)."""
+    if not reference:
+        module.double()
+        return
+    for q in module.parameters():
+        q.data = q.data.double()
+    for stage in module.Model.MainLayers:
+        stage.DataType = torch.float64
+
+
+def compare_outputs(setting: str, classes: int, batch: int, seed: int) -> dict[str, Any]:
+    """Both sides with the same weights on the same inputs, in fp32 and in fp64. fp32 gan_dist vs fp32 reference
+    is the check; fp64 vs fp64 shows whether any difference is arithmetic (it must vanish to ~1e-15) or rounding;
+    the reference's fp32 against its own fp64 is the size of fp32 rounding at these weights."""
+    nets = build_pair(setting, classes, seed)
+    G, D, G_ref, D_ref, p, R = (nets[k] for k in ("G", "D", "G_ref", "D_ref", "preset", "resolution"))
+    gen = torch.Generator().manual_seed(seed + 1)
+    randomise_zeros_(G, gen)
+    randomise_zeros_(D, gen)
+    pairs = {"G": name_pairs("G", G, G_ref), "D": name_pairs("D", D, D_ref)}
+    if any(f != 1.0 for net in pairs.values() for _, _, f in net):
+        raise SystemExit("a rescaled weight: its parameter gradients would need the inverse factor")
+    copy_weights_(pairs["G"], G, G_ref)
+    copy_weights_(pairs["D"], D, D_ref)
+    for m in (G, D, G_ref, D_ref):
+        m.train().requires_grad_(True)
+    z = torch.randn(batch, p.z_dim, generator=gen)
+    labels = torch.randint(0, classes, (batch,), generator=gen) if classes else None
+    c_ref = (torch.nn.functional.one_hot(labels, classes).float() if classes else torch.zeros(batch, 0))
+    real = torch.rand(batch, 3, R, R, generator=gen) * 2 - 1
+    orders = {k: ([n for n, _, _ in pairs[k]], [r for _, r, _ in pairs[k]]) for k in pairs}
+    results = {}
+    for dtype in (torch.float32, torch.float64):
+        if dtype == torch.float64:
+            for m, is_ref in ((G, False), (D, False), (G_ref, True), (D_ref, True)):
+                to_float64_(m, is_ref)
+        zz, rr, cr = z.to(dtype), real.to(dtype), c_ref.to(dtype)
+        results[("gan_dist", dtype)] = side_quantities(G, D, zz, labels, rr, orders["D"][0], orders["G"][0])
+        results[("reference", dtype)] = side_quantities(G_ref, D_ref, zz, cr, rr, orders["D"][1], orders["G"][1])
+    out: dict[str, Any] = {"setting": setting, "classes": classes, "batch": batch,
+                           "params": {"G": sum(q.numel() for q in G.parameters()),
+                                      "D": sum(q.numel() for q in D.parameters())}}
+    # a leaky ReLU input within rounding of zero takes the other slope (1 or 0.2) in fp32 than in fp64: the
+    # forward stays continuous, the input gradient (R1) jumps. Count those branch flips per side.
+    branches = "D branches (random images)"
+    out["branch flips fp32 vs fp64 (D, random images)"] = {
+        side: int((results[(side, torch.float32)][branches] != results[(side, torch.float64)][branches]).sum())
+        for side in ("gan_dist", "reference")}
+    out["activations (D, random images)"] = results[("gan_dist", torch.float32)][branches].numel()
+    for key in results[("gan_dist", torch.float32)]:
+        if key == branches:
+            continue
+        out[key] = {"fp32": difference(results[("gan_dist", torch.float32)][key], results[("reference", torch.float32)][key]),
+                    "fp64": difference(results[("gan_dist", torch.float64)][key], results[("reference", torch.float64)][key]),
+                    "reference fp32 vs fp64": difference(results[("reference", torch.float32)][key],
+                                                         results[("reference", torch.float64)][key]),
+                    "gan_dist fp32 vs reference fp64": difference(results[("gan_dist", torch.float32)][key],
+                                                                  results[("reference", torch.float64)][key])}
+    return out
+
+
+def init_statistics(setting: str, classes: int, draws: int) -> dict[str, Any]:
+    """Per layer: the weight's std pooled over `draws` initialisations of each side (seeds 0..draws-1),
+    gan_dist's against the reference's (which scales each layer by its fix-up rule). The ratio's sampling
+    error is about 1/sqrt(2 n) for n pooled values; `tolerance` is 5 times that."""
+    sums: dict[str, list[float]] = {}
+    counts: dict[str, int] = {}
+    fan_in: dict[str, int] = {}
+    names = None
+    for seed in range(draws):
+        nets = build_pair(setting, classes, seed)
+        for net in ("G", "D"):
+            ours, theirs = nets[net], nets[net + "_ref"]
+            pairs = name_pairs(net, ours, theirs)
+            src, dst = dict(ours.named_parameters()), dict(theirs.named_parameters())
+            for name, ref, factor in pairs:
+                key = f"{net}.{name}"
+                s = sums.setdefault(key, [0.0, 0.0])
+                s[0] += src[name].double().square().sum().item()
+                s[1] += (dst[ref].double() / factor).square().sum().item()
+                counts[key] = counts.get(key, 0) + src[name].numel()
+                fan_in[key] = src[name][0].numel() if src[name].dim() > 1 else 1
+        names = names or list(sums)
+    layers, worst = [], 0.0
+    for key in names:
+        n = counts[key]
+        ours, theirs = (sums[key][0] / n) ** 0.5, (sums[key][1] / n) ** 0.5
+        ratio = ours / theirs if theirs else (1.0 if ours == 0 else float("inf"))
+        tol = 5 / (2 * n) ** 0.5
+        layers.append({"layer": key, "n": n, "std_gan_dist": float(f"{ours:.5g}"), "std_reference": float(f"{theirs:.5g}"),
+                       "gain_gan_dist": round(ours * fan_in[key] ** 0.5, 4),
+                       "gain_reference": round(theirs * fan_in[key] ** 0.5, 4), "ratio": round(ratio, 4), "tolerance": round(tol, 4), "ok": abs(ratio - 1) <= tol})
+        worst = max(worst, abs(ratio - 1) / tol if theirs else (0.0 if ours == 0 else float("inf")))
+    return {"setting": setting, "classes": classes, "draws": draws, "layers": layers,
+            "all_within_tolerance": all(r["ok"] for r in layers), "worst_deviation_over_tolerance": round(worst, 3)}
+
+
+def write_check_markdown(result: dict[str, Any], path: Path) -> None:
+    first = result["outputs"][0]
+    keys = [k for k in first if isinstance(first[k], dict) and "fp32" in first[k]]
+    lines = [f"# R3GAN: gan_dist's networks against the reference's ({result['reference']['repo']} "
+             f"{result['reference']['revision'][:7]}), same weights, same inputs", "",
+             f"`{result['command']}`", "",
+             "gan_dist's G and D (its own init, then every zero-initialised weight and bias drawn at random so "
+             "every block takes part) copied into the reference's `training/networks.py` G and D by an explicit "
+             "name map (every parameter of both sides paired once; no weight is rescaled: neither side scales "
+             "weights at run time), on its CPU paths (`bias_act` and `upfirdn2d` reference implementations). Relative = max |difference| / max |reference|.", "",
+             "| setting | classes | batch | params G | params D | quantity | fp32: gan_dist vs reference | "
+             "fp64: gan_dist vs reference | fp32 rounding: reference fp32 vs its fp64 |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["outputs"]:
+        for i, k in enumerate(keys):
+            head = (f"| {r['setting']} | {r['classes']} | {r['batch']} | {r['params']['G']:,} | {r['params']['D']:,} "
+                    if i == 0 else "| | | | | ")
+            lines.append(head + f"| {k} | " + " | ".join(
+                f"{r[k][m]['max_abs']:.1e} ({r[k][m]['max_rel']:.1e})" for m in ("fp32", "fp64", "reference fp32 vs fp64"))
+                + " |")
+    lines += ["", "Leaky-ReLU inputs of D (random images) on the other side of zero in fp32 than in fp64 (each such "
+              "input switches its slope between 1 and 0.2: the logit stays continuous, its input gradient jumps):", ""]
+    for r in result["outputs"]:
+        f = r["branch flips fp32 vs fp64 (D, random images)"]
+        lines.append(f"- {r['setting']}, {r['classes']} classes: gan_dist {f['gan_dist']}, reference {f['reference']} "
+                     f"of {r['activations (D, random images)']:,}")
+    lines += ["", "Cells: max abs (max rel). fp64 shows whether a difference is arithmetic or rounding: the same "
+              "function gives ~1e-15 there; the last column is the fp32 rounding of the reference itself at these "
+              "weights, the floor the fp32 column is measured against.", "",
+              f"Largest relative difference in fp32: **{result['max_rel']:.1e}** (the reference's own fp32 rounding "
+              f"reaches {result['max_rel_reference_fp32_rounding']:.1e}); in fp64: **{result['max_rel_fp64']:.1e}**.", "",
+              "## Initialisation", "",
+              "Per layer, the weight's std pooled over the draws (seeds 0..draws-1 on each side; the two sides draw "
+              "in different orders, so the check is statistical): gan_dist's / the reference's, against 5x the "
+              "sampling error 1/sqrt(2n). Zero-initialised layers count as equal when both are exactly zero.", ""]
+    for s in result["init"]:
+        bad = [r for r in s["layers"] if not r["ok"]]
+        ratios = [r["ratio"] for r in s["layers"] if r["std_reference"]]
+        zeros = sum(1 for r in s["layers"] if not r["std_reference"] and not r["std_gan_dist"])
+        lines.append(f"- {s['setting']}, {s['classes']} classes, {s['draws']} draws: {len(s['layers'])} layers, "
+                     f"ratios {min(ratios):.4f} .. {max(ratios):.4f}, {zeros} zero on both sides; "
+                     f"worst |ratio - 1| / tolerance {s['worst_deviation_over_tolerance']}"
+                     + (f"; **outside**: {', '.join(r['layer'] + ' ' + str(r['ratio']) for r in bad)}" if bad else ""))
+    lines.append("")
+    path.write_text("\n".join(lines))
+
+
+def check_outputs(ref: Path, revision: str, args: argparse.Namespace) -> None:
+    import_reference(ref)
+    outputs = [compare_outputs(setting, classes, batch, args.seed)
+               for setting, batch in (("digits", 4), ("cifar10", args.check_batch)) for classes in (0, 10)]
+    for r in outputs:
+        print(json.dumps(r))
+    init = [init_statistics(setting, classes, draws)
+            for setting, draws in (("digits", args.init_draws), ("cifar10", 2)) for classes in (0, 10)]
+    for s in init:
+        print(s["setting"], s["classes"], "init within tolerance:", s["all_within_tolerance"],
+              s["worst_deviation_over_tolerance"])
+    keys = [k for k in outputs[0] if isinstance(outputs[0][k], dict) and "fp32" in outputs[0][k]]
+    result = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
+              "reference": {"repo": "brownvc/R3GAN", "revision": revision}, "threads": args.threads,
+              "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__},
+              "outputs": outputs, "max_rel": max(r[k]["fp32"]["max_rel"] for r in outputs for k in keys),
+              "max_rel_fp64": max(r[k]["fp64"]["max_rel"] for r in outputs for k in keys),
+              "max_rel_reference_fp32_rounding": max(r[k]["reference fp32 vs fp64"]["max_rel"] for r in outputs for k in keys),
+              "init": init}
+    out = Path(args.out) if args.out else RESULTS / "r3gan_reference_outputs.json"
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    write_check_markdown(result, out.with_suffix(".md"))
+    print("largest relative difference", result["max_rel"])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ref", required=True, help="a checkout of brownvc/R3GAN")
@@ -169,11 +492,20 @@ def main() -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override for both sides' sizes, e.g. model.r3gan.widths=[64,64,64,64]")
     p.add_argument("--out", default=None, help="JSON result (default: benchmarks/results/r3gan_reference_cpu.json)")
+    p.add_argument("--check-outputs", action="store_true",
+                   help="instead of timing: the same weights in both sides' G and D, compare images, logits and the "
+                        "R1 gradients (fp32), and both sides' per-layer init std; writes r3gan_reference_outputs.*")
+    p.add_argument("--check-batch", type=int, default=2, help="--check-outputs: the batch at the cifar10 widths")
+    p.add_argument("--init-draws", type=int, default=200, help="--check-outputs: initialisations per side (digits)")
+    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     ref = Path(args.ref).resolve()
     revision = args.revision or subprocess.run(["git", "-C", str(ref), "rev-parse", "HEAD"], capture_output=True,
                                                text=True).stdout.strip()
+    if args.check_outputs:
+        check_outputs(ref, revision, args)
+        return
 
     ours, ours_info = gan_dist_side(args.model, args.batch_size, args.precision, args.overrides)
     theirs, theirs_info = reference_side(ref, args.model, ours_info.pop("cfg"), args.batch_size, args.precision)
