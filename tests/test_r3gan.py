@@ -100,6 +100,38 @@ def test_blocks_start_as_the_identity_and_activations_keep_their_scale():
         assert torch.isfinite(D(x)).all() and torch.isfinite(G(torch.randn(2, 64))).all()
 
 
+def test_init_std_of_every_layer_follows_the_fixup_rule():
+    """Each weight's std at init from the paper's rule, worked out here from the architecture: N(0, 1/fan_in)
+    (fan_in: one group's inputs times the kernel area), times leaky ReLU's gain sqrt(2 / 1.04) and
+    L^(-1/4) (L = 8 blocks at cifar10) for a block's first two layers; a block's last layer and the
+    activation biases zero; G's 4x4 basis N(0, 1); D's class embedding a further 1/sqrt(768). One draw
+    of the cifar10 preset with 10 classes: the smallest layer has 2,304 values, so 6 sampling errors
+    (1/sqrt(2n)) tell a wrong gain from noise."""
+    cfg = r3gan_cfg("cifar10", "model.num_classes=10")
+    G, D = build_models(cfg.model, seed=0)
+    block_gain = math.sqrt(2 / (1 + 0.2 ** 2)) * 8 ** -0.25
+    width, inner, groups, z = 768, 1536, 96, 64
+    expected = {"G": {"basis": 1.0, "linear": 1 / math.sqrt(2 * z), "to_image": 1 / math.sqrt(width),
+                      "embed": 1 / math.sqrt(10)},
+                "D": {"from_image": 1 / math.sqrt(3), "basis": 1 / math.sqrt(16), "linear": 1 / math.sqrt(width),
+                      "embed": 1 / math.sqrt(width) / math.sqrt(10)}}
+    blocks = {"expand": block_gain / math.sqrt(width), "grouped": block_gain / math.sqrt(inner // groups * 9),
+              "project": 0.0, "act1": 0.0, "act2": 0.0}
+    seen = {"G": set(), "D": set()}
+    for net, model in (("G", G), ("D", D)):
+        for name, w in model.named_parameters():
+            leaf = name.split(".")[-2] if name.endswith((".weight", ".bias")) else name.split(".")[-1]
+            want = blocks.get(leaf, expected[net].get(leaf))
+            assert want is not None, f"{net}.{name}: no rule"  # cifar10 has one width: no 1x1 between stages
+            seen[net].add(leaf)
+            std = w.detach().double().square().mean().sqrt().item()
+            if want == 0:
+                assert std == 0, (net, name)
+            else:
+                assert abs(std / want - 1) < 6 / math.sqrt(2 * w.numel()), (net, name, std, want)
+    assert seen["G"] == set(blocks) | set(expected["G"]) and seen["D"] == set(blocks) | set(expected["D"])
+
+
 def test_fir_resampling_interpolates():
     """Upsampling a constant gives the constant (away from the border); down(up(x)) of a smooth
     image is close to x; the 4x4 kernel is [1, 3, 3, 1] / 8 in each direction."""
