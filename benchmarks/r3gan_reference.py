@@ -372,8 +372,9 @@ def compare_outputs(setting: str, classes: int, batch: int, seed: int) -> dict[s
 
 def init_statistics(setting: str, classes: int, draws: int) -> dict[str, Any]:
     """Per layer: the weight's std pooled over `draws` initialisations of each side (seeds 0..draws-1),
-    gan_dist's against the reference's (which scales each layer by its fix-up rule). The ratio's sampling
-    error is about 1/sqrt(2 n) for n pooled values; `tolerance` is 5 times that."""
+    gan_dist's against the reference's (which scales each layer by its fix-up rule). Each side's std of n pooled
+    values has a relative sampling error of about 1/sqrt(2 n), their ratio 1/sqrt(n); `tolerance` is 5/sqrt(2 n),
+    about 3.5 sampling errors of the ratio."""
     sums: dict[str, list[float]] = {}
     counts: dict[str, int] = {}
     fan_in: dict[str, int] = {}
@@ -438,8 +439,8 @@ def write_check_markdown(result: dict[str, Any], path: Path) -> None:
               f"reaches {result['max_rel_reference_fp32_rounding']:.1e}); in fp64: **{result['max_rel_fp64']:.1e}**.", "",
               "## Initialisation", "",
               "Per layer, the weight's std pooled over the draws (seeds 0..draws-1 on each side; the two sides draw "
-              "in different orders, so the check is statistical): gan_dist's / the reference's, against 5x the "
-              "sampling error 1/sqrt(2n). Zero-initialised layers count as equal when both are exactly zero.", ""]
+              "in different orders, so the check is statistical): gan_dist's / the reference's, against a tolerance "
+              "5/sqrt(2n) for n pooled values (about 3.5 sampling errors of the ratio, 1/sqrt(n)). Zero-initialised layers count as equal when both are exactly zero.", ""]
     for s in result["init"]:
         bad = [r for r in s["layers"] if not r["ok"]]
         ratios = [r["ratio"] for r in s["layers"] if r["std_reference"]]

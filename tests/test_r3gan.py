@@ -105,8 +105,8 @@ def test_init_std_of_every_layer_follows_the_fixup_rule():
     (fan_in: one group's inputs times the kernel area), times leaky ReLU's gain sqrt(2 / 1.04) and
     L^(-1/4) (L = 8 blocks at cifar10) for a block's first two layers; a block's last layer and the
     activation biases zero; G's 4x4 basis N(0, 1); D's class embedding a further 1/sqrt(768). One draw
-    of the cifar10 preset with 10 classes: the smallest layer has 2,304 values, so 6 sampling errors
-    (1/sqrt(2n)) tell a wrong gain from noise."""
+    of the cifar10 preset with 10 classes, each layer within 6 sampling errors (1/sqrt(2n) for n values):
+    0.4% to 0.9% for the block layers, 9% for the 1x1 image layers, 17% for G's 640-value class embedding."""
     cfg = r3gan_cfg("cifar10", "model.num_classes=10")
     G, D = build_models(cfg.model, seed=0)
     block_gain = math.sqrt(2 / (1 + 0.2 ** 2)) * 8 ** -0.25
