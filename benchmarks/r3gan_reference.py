@@ -31,10 +31,8 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
-import time
 import types
 from pathlib import Path
 from typing import Any, Callable
@@ -44,6 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import common  # noqa: E402
+from benchmarks.peers import alternate  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # the reference's CIFAR10 / FFHQ-64 presets at the start of their schedules (train.py), with the
@@ -133,13 +132,6 @@ def reference_side(ref: Path, model: str, cfg: Any, batch: int,
 
     counts = {"G": sum(q.numel() for q in G.parameters()), "D": sum(q.numel() for q in D.parameters())}
     return step, {"params": counts}
-
-
-def timed(step: Callable[[int], None], first: int, n: int) -> float:
-    t = time.perf_counter()
-    for i in range(first, first + n):
-        step(i)
-    return time.perf_counter() - t
 
 
 def write_markdown(result: dict[str, Any], path: Path) -> None:
@@ -510,20 +502,7 @@ def main() -> None:
 
     ours, ours_info = gan_dist_side(args.model, args.batch_size, args.precision, args.overrides)
     theirs, theirs_info = reference_side(ref, args.model, ours_info.pop("cfg"), args.batch_size, args.precision)
-    sides = {"gan_dist": ours, "reference": theirs}
-    seconds: dict[str, list[float]] = {k: [] for k in sides}
-    for step in sides.values():  # warm-up block (allocations, first-iteration paths)
-        timed(step, 0, args.iters)
-    it = args.iters
-    for _ in range(args.repeats):
-        for name, step in sides.items():
-            seconds[name].append(timed(step, it, args.iters))
-        it += args.iters
-    rows = {}
-    for name, secs in seconds.items():
-        med = statistics.median(secs)
-        rows[name] = {"s_per_block": [round(s, 2) for s in secs], "ms_per_iter": round(1000 * med / args.iters, 1),
-                      "img_per_sec": round(args.batch_size * args.iters / med, 3)}
+    rows = alternate({"gan_dist": ours, "reference": theirs}, args.batch_size, args.iters, args.repeats, digits=2)
     result = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "reference": {"repo": "brownvc/R3GAN", "revision": revision},
