@@ -317,6 +317,56 @@ def test_cpu_nhwc_layout_equals_the_nchw_path(tiny, monkeypatch):
         torch.testing.assert_close(nhwc_grads[name], g, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("lrelu,lr_mult", [(False, 1.0), (True, 0.01)])
+def test_fully_connected_is_the_equalised_lr_affine_map(lrelu, lr_mult):
+    """y = x (lr_mult W / sqrt(in))^T + lr_mult b [then leaky ReLU 0.2 times sqrt 2], written out
+    in float64 from the definition."""
+    from gan_dist.models.stylegan2.networks import FullyConnected
+
+    fc = FullyConnected(24, 5, lrelu=lrelu, lr_mult=lr_mult)
+    with torch.no_grad():
+        fc.bias.normal_()
+    x = torch.randn(7, 24)
+    W, b, xd = fc.weight.double(), fc.bias.double(), x.double()
+    want = torch.stack([torch.stack([(xd[n] * W[o]).sum() * lr_mult / math.sqrt(24) + b[o] * lr_mult
+                                     for o in range(5)]) for n in range(7)])
+    if lrelu:
+        want = torch.where(want >= 0, want, 0.2 * want) * math.sqrt(2)
+    torch.testing.assert_close(fc(x).double(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_weight_gradients_are_laid_out_as_the_weights(precision):
+    """Every parameter's gradient has the parameter's own strides, after a first-order backward
+    and after R1's and path length's double backwards (first- plus second-order terms), so that
+    DDP's gradient buckets (views with the parameters' strides) take them without "Grad strides
+    do not match bucket view strides". The cases that broke: D's [1, n] output layer after R1
+    (gradient strides (1, 1)) and 1x1 convolutions (skip, toRGB) on NHWC activations."""
+    spec = model_spec(cfg_of(*TINY, "model.num_classes=3").model)
+    G, D = spec.build(0)
+    c = torch.arange(4) % 3
+
+    def bad(module):
+        return [(n, tuple(p.stride()), tuple(p.grad.stride())) for n, p in module.named_parameters()
+                if p.grad is not None and p.grad.stride() != p.stride()]
+
+    for second_order in (False, True):
+        G.zero_grad(set_to_none=True), D.zero_grad(set_to_none=True)
+        x = torch.randn(4, 1, 32, 32, requires_grad=second_order)
+        delta = torch.zeros(4, G.num_ws, G.w_dim, requires_grad=second_order)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            logits = D(x, c).float()
+            img = G(torch.randn(4, G.z_dim), c, ws_delta=delta, noise_seeds=tuple(range(4))).float()
+        loss_d, loss_g = logits.sum(), (img * torch.randn_like(img)).sum()
+        if second_order:  # as Dreg and Greg: the penalty plus the outputs times zero
+            gx, = torch.autograd.grad(loss_d, x, create_graph=True)
+            gw, = torch.autograd.grad(loss_g, delta, create_graph=True)
+            loss_d, loss_g = gx.square().sum() + logits.sum() * 0, gw.square().sum() + img.sum() * 0
+        (loss_d + loss_g).backward()
+        assert bad(D) == [] and bad(G) == [], (second_order, bad(D), bad(G))
+        assert all(p.grad is not None for p in D.parameters())
+
+
 def test_minibatch_std_groups_consecutive_samples(tiny):
     _, _, D = tiny
     x = torch.randn(8, 1, 32, 32)

@@ -62,6 +62,12 @@ def _within(x: torch.Tensor, clamp: float) -> bool:
     return bool(torch.maximum(-lo, hi) <= clamp)
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """t in float32 at least (bf16/fp16 activations summed in fp32; float64 stays float64, so
+    that a float64 model computes every step in float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def normalize_2nd_moment(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return x * (x.square().mean(dim=1, keepdim=True) + eps).rsqrt()
 
@@ -97,6 +103,12 @@ def _layout(t: torch.Tensor) -> torch.Tensor:
 def conv2d(x: torch.Tensor, w: torch.Tensor, **kw) -> torch.Tensor:
     """F.conv2d in the device's faster layout; outputs stay NHWC through the elementwise ops and
     FIRFilter that follow."""
+    if w.shape[2:] == (1, 1):
+        # a 1x1 weight is NHWC and NCHW at once, but the NHWC kernels return its gradient with
+        # NHWC strides in the size-1 dimensions, which torch keeps and DDP's buckets (laid out
+        # as the parameter) warn about: through a 2-D view and back, the gradient is reshaped
+        # to contiguous strides (views only, no copy)
+        return F.conv2d(_layout(x), w.flatten(1).view(w.shape), **kw)
     return F.conv2d(_layout(x), _layout(w), **kw)
 
 
@@ -184,9 +196,14 @@ class FullyConnected(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight.to(x.dtype) * self.weight_gain
         b = self.bias.to(x.dtype) * self.lr_mult
+        # (w x^T)^T, not x w^T (addmm, matmul, F.linear): with R1's double backward the weight
+        # gets two gradients (first and second order), and their sum took the strides of the
+        # transpose ((1, 1) for a [1, n] weight), which DDP's gradient buckets (laid out as the
+        # parameter) warn about and copy; with w as the left factor both terms are laid out as w.
+        # The same dot products
         if not self.lrelu:
-            return torch.addmm(b.unsqueeze(0), x, w.t())
-        return bias_act(x.matmul(w.t()), b, lrelu=True)
+            return torch.addmm(b.unsqueeze(1), w, x.t()).t()
+        return bias_act(torch.mm(w, x.t()).t(), b, lrelu=True)
 
 
 def one_hot_labels(c: Optional[torch.Tensor], c_dim: int, which: str) -> torch.Tensor:
@@ -235,11 +252,11 @@ class MappingNetwork(nn.Module):
             return x
         if update_w_avg and self.training:
             with torch.no_grad():
-                mean = x.detach().float().mean(dim=0)
+                mean = _wide(x.detach()).mean(dim=0)
                 if self.sync_w_avg:
                     from gan_dist.distributed import all_reduce_mean
                     mean = all_reduce_mean(mean)
-                self.w_avg.copy_(mean.lerp(self.w_avg.float(), self.w_avg_beta))
+                self.w_avg.copy_(mean.lerp(_wide(self.w_avg), self.w_avg_beta))
         x = x.unsqueeze(1).repeat(1, self.num_ws, 1)
         if truncation_psi != 1:
             avg = self.w_avg.to(x.dtype)
@@ -367,7 +384,7 @@ class SynthesisBlock(nn.Module):
         else:
             x = self.conv0(x, ws[:, 0], noise_seeds, noise_mode)
             x = self.conv1(x, ws[:, 1], noise_seeds, noise_mode)
-        y = self.torgb(x, ws[:, self.num_conv]).float()
+        y = _wide(self.torgb(x, ws[:, self.num_conv]))
         img = y if img is None else self.fir.up2(img) + y
         return x, img
 
@@ -506,7 +523,7 @@ class MinibatchStd(nn.Module):
         if N % G:
             raise ValueError(f"the minibatch standard deviation groups {G} samples, and a batch of {N} "
                              f"is not a multiple of it (model.stylegan2.mbstd_group, train.batch_size)")
-        y = x.float().reshape(N // G, G, Fc, C // Fc, H, W)
+        y = _wide(x).reshape(N // G, G, Fc, C // Fc, H, W)
         y = (y - y.mean(dim=1, keepdim=True)).square().mean(dim=1)
         y = (y + 1e-8).sqrt().mean(dim=(2, 3, 4))  # [n, F]
         y = y.repeat_interleave(G, dim=0).reshape(N, Fc, 1, 1).expand(N, Fc, H, W)
