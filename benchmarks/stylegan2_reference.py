@@ -30,11 +30,9 @@ import copy
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import math
-import time
 import types
 from pathlib import Path
 from typing import Any, Callable
@@ -44,6 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import common  # noqa: E402
+from benchmarks.peers import alternate  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 R1_GAMMA, G_EVERY, D_EVERY, LR = 0.0064, 4, 16, 0.0025
@@ -385,13 +384,6 @@ def check_outputs(args: argparse.Namespace, ref: Path, revision: str) -> None:
     print("\n".join(lines))
 
 
-def timed(step: Callable[[int], None], first: int, n: int) -> float:
-    t = time.perf_counter()
-    for i in range(first, first + n):
-        step(i)
-    return time.perf_counter() - t
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ref", required=True, help="a checkout of NVlabs/stylegan2-ada-pytorch")
@@ -432,19 +424,7 @@ def main() -> None:
     ours_info = infos["gan_dist"]
     theirs, theirs_info = reference_side(ref, ours_info.pop("cfg"), args.batch_size)
     sides["reference"] = theirs
-    seconds: dict[str, list[float]] = {k: [] for k in sides}
-    for step in sides.values():  # warm-up block (allocations, first-iteration paths)
-        timed(step, 0, args.iters)
-    it = args.iters
-    for _ in range(args.repeats):
-        for name, step in sides.items():
-            seconds[name].append(timed(step, it, args.iters))
-        it += args.iters
-    rows = {}
-    for name, secs in seconds.items():
-        med = statistics.median(secs)
-        rows[name] = {"s_per_block": [round(s, 3) for s in secs], "ms_per_iter": round(1000 * med / args.iters, 1),
-                      "img_per_sec": round(args.batch_size * args.iters / med, 3)}
+    rows = alternate(sides, args.batch_size, args.iters, args.repeats)
     result = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "reference": {"repo": "NVlabs/stylegan2-ada-pytorch", "revision": revision},
