@@ -298,7 +298,8 @@ def test_cpu_nhwc_layout_equals_the_nchw_path(tiny, monkeypatch):
     import gan_dist.models.stylegan2.networks as networks
 
     spec, G, D = tiny
-    z, real = torch.randn(8, 16), torch.randn(8, 1, 32, 32)
+    gen = torch.Generator().manual_seed(0)
+    z, real = torch.randn(8, 16, generator=gen), torch.randn(8, 1, 32, 32, generator=gen)
 
     def run():
         G.zero_grad(), D.zero_grad()
@@ -314,7 +315,12 @@ def test_cpu_nhwc_layout_equals_the_nchw_path(tiny, monkeypatch):
     nchw_img, nchw_grads = run()
     torch.testing.assert_close(nhwc_img, nchw_img, rtol=1e-4, atol=1e-5)
     for name, g in nchw_grads.items():
-        torch.testing.assert_close(nhwc_grads[name], g, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        # float32 sums in another order: a weight gradient summed over every pixel of a second
+        # order term cancels down to a small fraction of its terms, so the tolerance is relative
+        # to the tensor's largest entry, not to each element
+        scale = g.abs().max().item()
+        torch.testing.assert_close(nhwc_grads[name], g, rtol=1e-4, atol=max(1e-5, 2e-3 * scale),
+                                   msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("lrelu,lr_mult", [(False, 1.0), (True, 0.01)])
