@@ -36,3 +36,27 @@ def alternate(sides: dict[str, Callable[[int], None]], batch: int, iters: int, r
         rows[name] = {"s_per_block": [round(s, digits) for s in secs], "ms_per_iter": round(1000 * med / iters, 1),
                       "img_per_sec": round(batch * iters / med, 3)}
     return rows
+
+
+def gan_dist_step(cfg: Any, batch: int) -> tuple[Callable[[int], None], dict[str, Any]]:
+    """gan_dist's training iteration under `cfg` in this process, on uniform random real images:
+    step(i) runs iteration i (its due phases), as the trainer does."""
+    import torch
+
+    from gan_dist import distributed as gdist
+    from gan_dist.build import setup_models, step_batches
+    from gan_dist.loop import train_step
+    from gan_dist.parallel import build_strategy
+
+    strategy = build_strategy(gdist.init_distributed(), cfg)
+    recipe, spec, counts = setup_models(strategy, cfg)
+    gen = torch.Generator().manual_seed(0)
+    R, C = cfg.model.resolution, cfg.model.channels
+
+    def real() -> torch.Tensor:
+        return torch.rand(batch, C, R, R, generator=gen) * 2 - 1
+
+    def step(i: int) -> None:
+        train_step(strategy, recipe, step_batches(cfg, spec, i, 0, 1, real, torch.device("cpu")), i)
+
+    return step, {"params": counts, "cfg": cfg}

@@ -42,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import common  # noqa: E402
-from benchmarks.peers import alternate  # noqa: E402
+from benchmarks.peers import alternate, gan_dist_step  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # the reference's CIFAR10 / FFHQ-64 presets at the start of their schedules (train.py), with the
@@ -53,28 +53,12 @@ RECIPES = {"r3gan-cifar10": {"gamma": 0.05, "lr": 2e-4, "beta2": 0.9, "bf16_stag
 
 def gan_dist_side(model: str, batch: int, precision: str,
                   overrides: list[str]) -> tuple[Callable[[int], None], dict[str, Any]]:
-    from gan_dist import distributed as gdist
-    from gan_dist.build import setup_models, step_batches
-    from gan_dist.loop import train_step
-    from gan_dist.parallel import build_strategy
-
     r = RECIPES[model]
     cfg = common.build_config(model, batch, "fp32" if precision == "fp32" else "bf16", "none", True, False,
                               [f"reg.r1_gamma={r['gamma']}", f"reg.r2_gamma={r['gamma']}", "reg.d_every=1",
                                f"train.lr_g={r['lr']}", f"train.lr_d={r['lr']}", "train.beta1=0",
                                f"train.beta2={r['beta2']}", "ema.enabled=false", *overrides])
-    info = gdist.init_distributed()
-    strategy = build_strategy(info, cfg)
-    recipe, spec, counts = setup_models(strategy, cfg)
-    gen = torch.Generator().manual_seed(0)
-
-    def real() -> torch.Tensor:
-        return torch.rand(batch, cfg.model.channels, cfg.model.resolution, cfg.model.resolution, generator=gen) * 2 - 1
-
-    def step(i: int) -> None:
-        train_step(strategy, recipe, step_batches(cfg, spec, i, 0, 1, real, torch.device("cpu")), i)
-
-    return step, {"params": counts, "cfg": cfg}
+    return gan_dist_step(cfg, batch)
 
 
 def import_reference(ref: Path) -> None:

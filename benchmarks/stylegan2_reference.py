@@ -42,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import common  # noqa: E402
-from benchmarks.peers import alternate  # noqa: E402
+from benchmarks.peers import alternate, gan_dist_step  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 R1_GAMMA, G_EVERY, D_EVERY, LR = 0.0064, 4, 16, 0.0025
@@ -50,27 +50,11 @@ R1_GAMMA, G_EVERY, D_EVERY, LR = 0.0064, 4, 16, 0.0025
 
 def gan_dist_side(model: str, batch: int, overrides: list[str],
                   precision: str = "fp32") -> tuple[Callable[[int], None], dict[str, Any]]:
-    from gan_dist import distributed as gdist
-    from gan_dist.build import setup_models, step_batches
-    from gan_dist.loop import train_step
-    from gan_dist.parallel import build_strategy
-
     cfg = common.build_config(model, batch, precision, "none", False, False,
                               [f"reg.r1_gamma={R1_GAMMA}", f"reg.d_every={D_EVERY}", f"train.lr_g={LR}",
                                f"train.lr_d={LR}", "train.beta1=0", "train.beta2=0.99", "ema.enabled=false",
                                *overrides])
-    info = gdist.init_distributed()
-    strategy = build_strategy(info, cfg)
-    recipe, spec, counts = setup_models(strategy, cfg)
-    gen = torch.Generator().manual_seed(0)
-
-    def real() -> torch.Tensor:
-        return torch.rand(batch, cfg.model.channels, cfg.model.resolution, cfg.model.resolution, generator=gen) * 2 - 1
-
-    def step(i: int) -> None:
-        train_step(strategy, recipe, step_batches(cfg, spec, i, 0, 1, real, torch.device("cpu")), i)
-
-    return step, {"params": counts, "cfg": cfg}
+    return gan_dist_step(cfg, batch)
 
 
 def reference_side(ref: Path, cfg: Any, batch: int) -> tuple[Callable[[int], None], dict[str, Any]]:
