@@ -24,7 +24,6 @@ import itertools
 import json
 import os
 import platform
-import statistics
 import sys
 import threading
 import time

@@ -4,7 +4,6 @@ ADA's p moved by the overfitting heuristic identically on every rank and restore
 resume, bad settings refused naming the key; and 2 processes x b equal 1 process x 2b."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest

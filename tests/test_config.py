@@ -5,7 +5,7 @@ import pytest
 
 from gan_dist.config import ConfigError, load_config
 from gan_dist.launcher import apply_launcher_requests, launcher_requests
-from tests._mp import PYTHON, REPO, base_env, run
+from tests._mp import PYTHON, REPO, run
 
 
 def test_defaults_yaml_and_overrides(tmp_path):

@@ -3,7 +3,6 @@ step (optimizer, gammas, EMA), bad schedules as one-line errors naming the key, 
 that continues the schedule bitwise."""
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -16,7 +15,7 @@ from gan_dist.ema import build_ema
 from gan_dist.parallel import build_strategy
 from gan_dist.schedules import Schedule, Schedules, parse
 from tests._ckpt import assert_tensors_equal
-from tests._mp import PYTHON, REPO, base_env, run
+from tests._mp import PYTHON, base_env, run
 
 INFO = DistInfo(0, 1, 0, 1, 0, torch.device("cpu"), None, "python")
 TINY = ["model.arch=r3gan", "model.r3gan.preset=tiny", "model.resolution=32", "model.channels=1"]

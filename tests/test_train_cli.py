@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pkgutil
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests._mp import PYTHON, REPO, base_env, free_port, run
+from tests._mp import PYTHON, REPO, free_port, run
 from tests.conftest import TINY
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.timeout(400)]
