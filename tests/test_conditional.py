@@ -17,6 +17,7 @@ from gan_dist.data.index import DataError
 from tests._mp import PYTHON, REPO, base_env, run
 from tests.conftest import TINY
 from tests.workers.data_shards import add, data_cfg, encode_png, image_for
+from tests.workers.sharded_worker import STYLEGAN2_TINY
 
 pytestmark = pytest.mark.timeout(600)
 QUIET = lambda m: None  # noqa: E731
@@ -233,53 +234,47 @@ def test_labels_change_the_run(tmp_path, conditional_reference):
     assert (other["D"][key] - conditional_reference["D"][key]).abs().max() > 1e-4
 
 
-# StyleGAN2 (label embedded in G's mapping, D projecting onto its own label mapping) through all
-# four phases; the strategy code is shared with DCGAN's runs above, so two strategies: FSDP2 (D's
-# label mapping is a unit of its own) and ZeRO-3 (every parameter gathered by hooks)
-SG2_LABELLED = ("--model", "stylegan2", "--global-batch", "8", "--iters", "3", "--num-classes", "5", "--r1", "10",
-                "--d-every", "2", "--pl-every", "2")
+# The other families, on the strategies whose handling depends on a family's layers (the
+# strategy code is shared with DCGAN's runs above): FSDP2 (the label layers are units or inside
+# one) and ZeRO-3 (every parameter gathered by hooks). Per family: the worker's arguments, the
+# overrides that rebuild its initial weights, and the label layers G and D must hold.
+# StyleGAN2: the label embedded in G's mapping, D projecting onto its own label mapping, through
+# all four phases. R3GAN: a class embedding concatenated to z in G's basis input, D's logit a
+# projection onto a class embedding, R1 + R2 in every D step.
+LABELLED_FAMILIES = {
+    "stylegan2": (("--model", "stylegan2", "--global-batch", "8", "--iters", "3", "--num-classes", "5", "--r1", "10",
+                   "--d-every", "2", "--pl-every", "2"),
+                  ("model.arch=stylegan2", *STYLEGAN2_TINY),
+                  lambda G, D: "mapping.embed.weight" in G and "mapping.embed.weight" in D),
+    "r3gan": (("--model", "r3gan", "--global-batch", "8", "--iters", "3", "--num-classes", "5", "--loss", "rpgan",
+               "--r1", "2", "--r2", "2", "--d-every", "1"),
+              ("model.arch=r3gan", "model.r3gan.preset=tiny"),
+              lambda G, D: "embed.weight" in G and any("embed" in k for k in D)),
+}
 
 
 @pytest.fixture(scope="module")
-def sg2_conditional_reference(tmp_path_factory):
+def family_reference(tmp_path_factory):
+    """family -> its one-process run (made once per module)."""
     from tests.test_recipe_exact import job
 
-    return job(tmp_path_factory.mktemp("sg2-one"), "sg2", 1, "--strategy", "none", *SG2_LABELLED)[0]
+    done: dict[str, dict] = {}
+
+    def get(family: str) -> dict:
+        if family not in done:
+            args = LABELLED_FAMILIES[family][0]
+            done[family] = job(tmp_path_factory.mktemp(f"{family}-one"), family, 1, "--strategy", "none", *args)[0]
+        return done[family]
+    return get
 
 
 @pytest.mark.multiproc
 @pytest.mark.timeout(1200)
-@pytest.mark.parametrize("name", ["fsdp", "zero3"])
-def test_stylegan2_conditional_two_processes_equal_one(tmp_path, sg2_conditional_reference, name):
-    from tests.test_recipe_exact import STRATEGIES, job
-    from tests.workers.sharded_worker import STYLEGAN2_TINY
-
-    r0, _ = job(tmp_path, f"sg2-{name}", 2, *STRATEGIES[name], *SG2_LABELLED)
-    assert_same_weights(r0, sg2_conditional_reference, 5, ("model.arch=stylegan2", *STYLEGAN2_TINY))
-    assert "mapping.embed.weight" in r0["G"] and "mapping.embed.weight" in r0["D"]
-
-
-# R3GAN (class embedding concatenated to z in G's basis input, D's logit a projection onto a class
-# embedding), R1 + R2 in every D step; as for StyleGAN2, the strategies whose handling depends on
-# the family's layers: FSDP2 (the stages are the units) and ZeRO-3
-R3GAN_LABELLED = ("--model", "r3gan", "--global-batch", "8", "--iters", "3", "--num-classes", "5", "--loss", "rpgan",
-                  "--r1", "2", "--r2", "2", "--d-every", "1")
-R3GAN_TINY = ("model.arch=r3gan", "model.r3gan.preset=tiny")
-
-
-@pytest.fixture(scope="module")
-def r3gan_conditional_reference(tmp_path_factory):
-    from tests.test_recipe_exact import job
-
-    return job(tmp_path_factory.mktemp("r3-one"), "r3", 1, "--strategy", "none", *R3GAN_LABELLED)[0]
-
-
-@pytest.mark.multiproc
-@pytest.mark.timeout(1200)
-@pytest.mark.parametrize("name", ["fsdp", "zero3"])
-def test_r3gan_conditional_two_processes_equal_one(tmp_path, r3gan_conditional_reference, name):
+@pytest.mark.parametrize("family,name", [(f, n) for f in LABELLED_FAMILIES for n in ("fsdp", "zero3")])
+def test_other_families_conditional_two_processes_equal_one(tmp_path, family_reference, family, name):
     from tests.test_recipe_exact import STRATEGIES, job
 
-    r0, _ = job(tmp_path, f"r3-{name}", 2, *STRATEGIES[name], *R3GAN_LABELLED)
-    assert_same_weights(r0, r3gan_conditional_reference, 5, R3GAN_TINY)
-    assert "embed.weight" in r0["G"] and any("embed" in k for k in r0["D"])
+    args, model, has_label_layers = LABELLED_FAMILIES[family]
+    r0, _ = job(tmp_path, f"{family}-{name}", 2, *STRATEGIES[name], *args)
+    assert_same_weights(r0, family_reference(family), 5, model)
+    assert has_label_layers(r0["G"], r0["D"])
