@@ -35,7 +35,7 @@ class TrainConfig:
     d_steps: int = 1  # D updates per G update
     precision: str = "bf16"  # fp32 | bf16 | fp16
     loss: str = "nonsaturating"  # nonsaturating | minimax | hinge | rpgan
-    # lr_g, lr_d, beta2 (and reg.r*_gamma, ema.half_life_kimg): a number or a schedule
+    # lr_g, lr_d, beta2 (and reg.r*_gamma, ema.half_life_kimg, augment.p): a number or a schedule
     # {start, end, kimg, shape: cosine|linear} over images seen (gan_dist/schedules.py)
     lr_g: Any = 2e-4
     lr_d: Any = 2e-4
@@ -190,7 +190,7 @@ class AugmentConfig:
     kind: str = "none"  # none | diffaugment | ada
     policy: str = "color,translation,cutout"  # diffaugment: comma-separated, applied in this order
     pipeline: str = "bgc"  # ada: b (blit), g (geometric), c (color), combined as in "bgc"
-    p: Optional[float] = None  # ada: a fixed probability; null: adjusted toward `target`
+    p: Any = None  # ada: a fixed probability, or a schedule {start, end, kimg, shape}; null: adjusted toward `target`
     target: float = 0.6  # ada: the wanted E[sign(D(x_real))]
     interval: int = 4  # ada: steps between adjustments of p
     kimg: float = 500.0  # ada: thousands of real images for p to move from 0 to 1
@@ -258,7 +258,7 @@ def validate(cfg: Config) -> None:
         if _get(cfg, key) < 0:
             raise ConfigError(f"{key}={_get(cfg, key)!r} must be >= 0")
     from gan_dist import schedules
-    schedules.validate(cfg)  # lr_g, lr_d, beta2, the gammas, the EMA half-life: at every point
+    schedules.validate(cfg)  # lr_g, lr_d, beta2, the gammas, the EMA half-life, augment.p: at every point
     if not 0 <= cfg.train.beta1 < 1:
         raise ConfigError(f"train.beta1={cfg.train.beta1!r} must be in [0, 1)")
     if cfg.train.compile and (cfg.reg.r1_gamma or cfg.reg.r2_gamma):  # a schedule counts as on

@@ -10,8 +10,9 @@ The value in force is a function of the images seen before the step only. So eve
 computes the same value without communicating, and a resumed run (which restores the image
 count) continues the schedule where it stopped. The trainer applies the values before every
 step: Adam's lr and beta2 (through `gan_dist.optim.adam_settings`, which keeps the lazy
-regularisation's rescaling), the penalties' gammas (`Recipe.gammas`) and the EMA's half-life,
-and logs them as `schedule/<key>`.
+regularisation's rescaling), the penalties' gammas (`Recipe.gammas`), the EMA's half-life and
+ADA's probability (`augment.p`, R3GAN's rising p; null leaves p to ADA's heuristic), and logs
+them as `schedule/<key>` (p as `augment/p`).
 """
 from __future__ import annotations
 
@@ -32,7 +33,10 @@ SCHEDULABLE: dict[str, tuple[Callable[[float], bool], str]] = {
     "reg.r1_gamma": (lambda v: v >= 0, ">= 0"),
     "reg.r2_gamma": (lambda v: v >= 0, ">= 0"),
     "ema.half_life_kimg": (lambda v: v >= 0, ">= 0"),
+    "augment.p": (lambda v: 0 <= v <= 1, "in [0, 1]"),
 }
+# keys whose null means something other than a value (augment.p: ADA adjusts p itself)
+NULLABLE = {"augment.p": "null: ADA adjusts p toward augment.target"}
 # penalties whose gamma is scheduled: the recipe keeps a penalty whose gamma is ever positive
 GAMMAS = {"r1": "reg.r1_gamma", "r2": "reg.r2_gamma"}
 
@@ -67,19 +71,24 @@ def _number(x: Any) -> bool:
 
 def _get(cfg: Any, dotted: str) -> Any:
     for part in dotted.split("."):
+        if dotted in NULLABLE and not hasattr(cfg, part):
+            return None  # a config without the section (e.g. a benchmark's): unset
         cfg = getattr(cfg, part)
     return cfg
 
 
-def parse(key: str, value: Any) -> Value:
-    """A constant or a Schedule, checked at every point it takes (ConfigError naming `key`)."""
+def parse(key: str, value: Any) -> Optional[Value]:
+    """A constant or a Schedule, checked at every point it takes (ConfigError naming `key`);
+    None for a key of NULLABLE left unset."""
     from gan_dist.config import ConfigError
 
     ok, valid = SCHEDULABLE[key]
     example = f"{key}={{start: 1.0e-3, end: 1.0e-4, kimg: 1000, shape: cosine}}"
+    if value is None and key in NULLABLE:
+        return None
     if _number(value):
         if not ok(value):
-            raise ConfigError(f"{key}={value!r} must be {valid}")
+            raise ConfigError(f"{key}={value!r} must be {valid}" + (f" (or {NULLABLE[key]})" if key in NULLABLE else ""))
         return float(value)
     if not isinstance(value, dict):
         raise ConfigError(f"{key}={value!r} must be a number or a schedule such as {example}")
@@ -104,7 +113,7 @@ def parse(key: str, value: Any) -> Value:
     return schedule
 
 
-def value_at(value: Value, nimg: float) -> float:
+def value_at(value: Optional[Value], nimg: float) -> Optional[float]:
     return value.at(nimg) if isinstance(value, Schedule) else value
 
 
@@ -125,7 +134,8 @@ def initial(cfg: Any) -> Any:
         if key in GAMMAS.values() and isinstance(value, Schedule) and v == 0:
             v = max(value.extremes)
         section, name = key.split(".")
-        setattr(getattr(out, section), name, v)
+        if hasattr(out, section):
+            setattr(getattr(out, section), name, v)
     return out
 
 
@@ -137,6 +147,8 @@ class Schedules:
         self.beta1 = float(cfg.train.beta1)
         self.in_force: dict[str, float] = {}
         self.initial = initial(cfg)
+        # a constant augment.p is ADA's fixed p from the start; only a schedule is set per step
+        self.p_scheduled = isinstance(self.values["augment.p"], Schedule)
 
     def at(self, nimg: float) -> dict[str, float]:
         return {key: value_at(v, nimg) for key, v in self.values.items()}
@@ -158,12 +170,16 @@ class Schedules:
                 recipe.gammas[penalty] = v[key]
         if ema is not None:
             ema.half_life_kimg = v["ema.half_life_kimg"]
+        if self.p_scheduled and recipe.augment is not None:
+            recipe.augment.set_p(v["augment.p"])  # ADA's p, when given as a schedule
         self.in_force = v
         return v
 
     def scalars(self) -> dict[str, float]:
-        """The values of the last `apply`, named for TensorBoard."""
-        return {f"schedule/{key}": value for key, value in self.in_force.items()}
+        """The values of the last `apply`, named for TensorBoard (augment.p is logged by the
+        augmentation itself, as `augment/p`, whether fixed, scheduled or adapted)."""
+        return {f"schedule/{key}": value for key, value in self.in_force.items()
+                if value is not None and key != "augment.p"}
 
 
 __all__ = ["SCHEDULABLE", "SHAPES", "Schedule", "Schedules", "initial", "parse", "validate", "value_at"]

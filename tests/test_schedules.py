@@ -1,5 +1,5 @@
 """Schedules (gan_dist/schedules.py): values along the schedule, what the trainer applies before a
-step (optimizer, gammas, EMA), bad schedules as one-line errors naming the key, and a resumed run
+step (optimizer, gammas, EMA, ADA's p), bad schedules as one-line errors naming the key, and a resumed run
 that continues the schedule bitwise."""
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ def test_apply_sets_optimizer_gammas_and_ema_with_the_lazy_rescaling():
                              "train.lr_g={start: 1e-3, end: 1e-4, kimg: 1}", "train.lr_d=2e-3",
                              "train.beta2={start: 0.9, end: 0.99, kimg: 1, shape: linear}",
                              "reg.r1_gamma={start: 0, end: 8, kimg: 2, shape: linear}",
-                             "ema.half_life_kimg={start: 0, end: 5, kimg: 1}"])
+                             "ema.half_life_kimg={start: 0, end: 5, kimg: 1}",
+                             "augment.kind=ada", "augment.p={start: 0, end: 0.6, kimg: 1, shape: linear}"])
     strategy = build_strategy(INFO, cfg)
     sched = Schedules(cfg)
     recipe, _, _ = setup_models(strategy, sched.initial)
@@ -55,8 +56,17 @@ def test_apply_sets_optimizer_gammas_and_ema_with_the_lazy_rescaling():
     assert d["lr"] == pytest.approx(2e-3 * 0.8) and d["betas"] == pytest.approx((0.5 ** 0.8, 0.945 ** 0.8))
     assert recipe.gammas["r1"] == pytest.approx(2.0) and ema.half_life_kimg == pytest.approx(2.5)
     assert sched.scalars()["schedule/reg.r1_gamma"] == pytest.approx(2.0)
+    assert recipe.augment.fixed and recipe.augment.p.item() == pytest.approx(0.3)  # ADA's p, scheduled
     sched.apply(strategy, recipe, ema, 10**6)
     assert strategy.optimizers["G"].param_groups[0]["lr"] == pytest.approx(1e-4) and recipe.gammas["r1"] == 8.0
+    assert recipe.augment.p.item() == pytest.approx(0.6)
+    # a constant p stays ADA's fixed p; null leaves p to its heuristic (not fixed, starts at p_init)
+    for p, fixed, start in (("0.25", True, 0.25), ("null", False, 0.1)):
+        plain = load_config(None, [*TINY, "augment.kind=ada", f"augment.p={p}", "augment.p_init=0.1"])
+        s2 = Schedules(plain)
+        r2, _, _ = setup_models(build_strategy(INFO, plain), s2.initial)
+        s2.apply(strategy, r2, None, 10**6)
+        assert (r2.augment.fixed, r2.augment.p.item()) == (fixed, pytest.approx(start))
 
 
 @pytest.mark.parametrize("override,message", [
@@ -66,6 +76,8 @@ def test_apply_sets_optimizer_gammas_and_ema_with_the_lazy_rescaling():
     ("ema.half_life_kimg={start: 0, end: 10, kimg: 5, shape: exponential}", "ema.half_life_kimg.shape='exponential'"),
     ("train.lr_d={start: 1e-3, kimg: 5}", "train.lr_d: .*missing: end"),
     ("train.lr_d=0", "train.lr_d=0 must be > 0"),
+    ("augment.p={start: 0, end: 1.5, kimg: 100}", "augment.p.end=1.5: augment.p must be in [0, 1]"),
+    ("augment.p=-0.5", "augment.p=-0.5 must be in [0, 1] (or null"),
 ])
 def test_bad_schedules_are_config_errors_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")
@@ -88,7 +100,8 @@ SCHEDULED = [*TINY, "train.batch_size=4", "train.loss=rpgan", "train.beta1=0", "
              "train.lr_g={start: 2e-3, end: 1e-4, kimg: 0.048}", "train.lr_d={start: 2e-3, end: 1e-4, kimg: 0.048}",
              "train.beta2={start: 0.9, end: 0.99, kimg: 0.048}",
              "reg.r1_gamma={start: 1, end: 0.1, kimg: 0.048, shape: linear}", "reg.r2_gamma=0.5",
-             "ema.half_life_kimg={start: 0, end: 0.1, kimg: 0.048}", "ema.rampup=null"]
+             "ema.half_life_kimg={start: 0, end: 0.1, kimg: 0.048}", "ema.rampup=null",
+             "augment.kind=ada", "augment.pipeline=bgc", "augment.p={start: 0, end: 0.8, kimg: 0.048, shape: linear}"]
 
 
 def _train(run_dir, *extra):
@@ -117,3 +130,5 @@ def test_resumed_run_continues_the_schedule_bitwise(tmp_path):
     lr = [e.value for e in acc.Scalars(next(t for t in tags if t.endswith("schedule/train.lr_g")))]
     assert lr[0] == pytest.approx(2e-3) and lr[-1] < lr[0] / 2, lr
     assert sorted(lr, reverse=True) == lr
+    p = [e.value for e in acc.Scalars(next(t for t in tags if t.endswith("augment/p")))]
+    assert p[0] == 0.0 and p[-1] == pytest.approx(0.8 * 11 / 12) and sorted(p) == p, p

@@ -15,8 +15,10 @@ ADA's probability p starts at `augment.p_init` and every `augment.interval` step
 sign(r_t - target) * (real images seen) / (augment.kimg * 1000), clamped to [0, 1], with
 r_t = E[sign(D(x_real))] over the Dmain real logits of the interval on all ranks (one
 all-reduce of two numbers), so every rank holds the same p. p lives on the device and nothing
-here waits for the host. `augment.p` fixes p instead. p and the running sums are checkpointed
-with the run (the recipe's state) and restored bitwise.
+here waits for the host. `augment.p` fixes p instead, or moves it on a schedule over the images
+seen (`{start, end, kimg, shape}`, gan_dist/schedules.py: R3GAN's rising p), set before each
+step. p and the running sums are checkpointed with the run (the recipe's state) and restored
+bitwise.
 """
 from __future__ import annotations
 
@@ -53,8 +55,8 @@ def validate(aug_cfg: Any) -> None:
                      "fractional translation) and c (colour), e.g. bgc")
     if not 0 < aug_cfg.target < 1:
         raise _error(f"augment.target={aug_cfg.target!r} must be in (0, 1) (ADA's wanted E[sign(D(x_real))], e.g. 0.6)")
-    if aug_cfg.p is not None and not 0 <= aug_cfg.p <= 1:
-        raise _error(f"augment.p={aug_cfg.p!r} must be in [0, 1] (or null: adjusted toward augment.target)")
+    from gan_dist.schedules import parse
+    parse("augment.p", aug_cfg.p)  # a number in [0, 1], a schedule within it, or null
     if not 0 <= aug_cfg.p_init <= 1:
         raise _error(f"augment.p_init={aug_cfg.p_init!r} must be in [0, 1]")
     if aug_cfg.interval <= 0:
@@ -137,6 +139,10 @@ class ADA(Augment):
         self.signs = torch.zeros(2)
         self.r_t = torch.tensor(float("nan"))  # the last interval's heuristic, for the log
 
+    def set_p(self, p: float) -> None:
+        """A fixed p moved by a schedule (the same value on every rank, from the image count)."""
+        self.p = torch.tensor(float(p), device=self.p.device)
+
     def _on(self, device: torch.device) -> None:
         if self.p.device != device:
             self.p, self.signs, self.r_t = self.p.to(device), self.signs.to(device), self.r_t.to(device)
@@ -182,7 +188,9 @@ def build_augment(cfg: Any) -> Optional[Augment]:
         return None
     if a.kind == "diffaugment":
         return DiffAugment(cfg.run.seed, [n.strip() for n in a.policy.split(",") if n.strip()])
-    return ADA(cfg.run.seed, a.pipeline, a.p, a.target, a.interval, a.kimg, a.p_init)
+    from gan_dist.schedules import parse, value_at
+    p = value_at(parse("augment.p", a.p), 0)  # a schedule starts at its start; the trainer moves it
+    return ADA(cfg.run.seed, a.pipeline, p, a.target, a.interval, a.kimg, a.p_init)
 
 
 __all__ = ["ADA", "Augment", "DiffAugment", "KINDS", "build_augment", "call_key", "validate"]
