@@ -95,6 +95,9 @@ class R3GANConfig:
     expansion: Optional[int] = None  # channels inside a block / the stage's width
     z_dim: Optional[int] = None  # latent size
     kernel_size: int = 3  # of the grouped convolution
+    # G's last / D's first N stages in bf16 (fp32 master weights), as the reference's FP16Stages;
+    # preset: the preset's reference count; needs train.precision=fp32 (docs/models.md)
+    bf16_stages: Any = 0
 
 
 @dataclass
@@ -279,6 +282,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.arch={cfg.model.arch!r} is not one of: {', '.join(FAMILIES)}")
     if "auto" not in (res, cfg.model.channels, k):
         model_spec(cfg.model)  # the family checks its own settings (else once the data gave the shape)
+    if cfg.model.arch == "r3gan":
+        from gan_dist.models.r3gan import check_config as check_r3gan
+        check_r3gan(cfg)  # model.r3gan.bf16_stages against train.precision and parallel.fsdp.param_dtype
     if not 0 <= cfg.data.max_skip_fraction <= 1:
         raise ConfigError(f"data.max_skip_fraction={cfg.data.max_skip_fraction!r} must be in [0, 1]")
     if cfg.ema.rampup is not None and cfg.ema.rampup < 0:

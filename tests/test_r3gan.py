@@ -186,6 +186,115 @@ def test_fast_layers_equal_the_convolutions_they_replace(layer):
     torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-2)
 
 
+# ---- model.r3gan.bf16_stages: the reference's per-stage bf16 ------------------------------------
+BF16_BASE = ("model.arch=r3gan", "model.r3gan.preset=tiny", "model.resolution=32", "model.channels=3",
+             "train.precision=fp32")
+
+
+def bf16_pair(n: int, classes: int = 0):
+    """(G, D) in fp32 and (G, D) with `n` bf16 stages, same weights; every zero-initialised weight
+    drawn at random, so that each block's branch takes part."""
+    nets = []
+    for stages in (0, n):
+        cfg = load_config(None, [*BF16_BASE, f"model.num_classes={classes}", f"model.r3gan.bf16_stages={stages}"])
+        nets.append(build_models(cfg.model, seed=0))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for fp32, mixed in zip(nets[0], nets[1]):
+            for p in fp32.parameters():
+                if not p.any():
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+            mixed.load_state_dict(fp32.state_dict())
+    return nets
+
+
+def output_dtypes(model: torch.nn.Module) -> dict[str, torch.dtype]:
+    """The dtype of every sub-module's output in the next forward, by name."""
+    seen: dict[str, torch.dtype] = {}
+    for name, m in model.named_modules():
+        if name:
+            m.register_forward_hook(lambda mod, args, out, name=name: seen.__setitem__(name, out.dtype))
+    return seen
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("classes", [0, 10])
+def test_bf16_stages_compute_in_bf16_and_the_others_in_fp32(classes):
+    """G's last 2 and D's first 2 of 4 stages, every layer inside them and G's to_image / D's
+    from_image next to them compute in bf16, the rest in fp32; the outputs come back fp32, close
+    to the fp32 networks' (bf16 rounding) but not equal to them."""
+    (G0, D0), (G, D) = bf16_pair(2, classes)
+    assert G.state_dict().keys() == G0.state_dict().keys() and D.state_dict().keys() == D0.state_dict().keys()
+    assert all(p.dtype == torch.float32 for p in [*G.parameters(), *D.parameters()])
+    z = torch.randn(4, 16, generator=torch.Generator().manual_seed(2))
+    c = torch.arange(4) % 10 if classes else None
+    g_seen, d_seen = output_dtypes(G), output_dtypes(D)
+    img = G(z, c)
+    logit = D(img, c)
+    assert img.dtype == logit.dtype == torch.float32
+    in_bf16 = lambda name, stages: name.startswith(tuple(f"stages.{i}" for i in stages))
+    for seen, bf16_stages, edge in ((g_seen, (2, 3), "to_image"), (d_seen, (0, 1), "from_image")):
+        for name, dtype in seen.items():
+            want = torch.bfloat16 if in_bf16(name, bf16_stages) or name == edge else torch.float32
+            assert dtype == want, (name, dtype)
+        assert sum(in_bf16(n, bf16_stages) for n in seen) > 10  # blocks, activations, resampling
+    with torch.no_grad():
+        img0 = G0(z, c)
+        logit0 = D0(img0, c)
+    for got, want in ((img, img0), (logit, logit0), (D(img0, c), logit0)):
+        assert 1e-4 < rel(got, want) < 5e-2, rel(got, want)
+
+
+def test_bf16_stages_gradients_reach_every_parameter_in_fp32_through_r1():
+    """R1 (the input gradient under create_graph, then the penalty's backward) through D's bf16
+    stages and G's loss through G and D: every parameter gets an fp32 gradient, close to the fp32
+    networks' (cosine > 0.99 per parameter)."""
+    nets = bf16_pair(2)
+    grads = []
+    for G, D in nets:
+        gen = torch.Generator().manual_seed(3)
+        real = torch.randn(4, 3, 32, 32, generator=gen).requires_grad_(True)
+        logit = D(real)
+        g, = torch.autograd.grad(logit.sum(), real, create_graph=True)
+        assert g.dtype == torch.float32
+        (g.square().sum() + logit.sum()).backward()
+        D(G(torch.randn(4, 16, generator=gen))).sum().backward()
+        grads.append([p.grad for p in [*G.parameters(), *D.parameters()]])
+    for fp32, mixed in zip(*grads):
+        assert mixed is not None and mixed.dtype == torch.float32 and mixed.any()
+        cos = torch.nn.functional.cosine_similarity(mixed.flatten(), fp32.flatten(), dim=0)
+        assert cos > 0.99, cos
+
+
+def test_bf16_stages_settings():
+    """The presets' reference counts (brownvc/R3GAN train.py FP16Stages: 3 at 32x32, 4 above),
+    the range and the precision settings the stages need, each refusal naming the keys."""
+    from gan_dist.models.r3gan import bf16_stages
+
+    reference = {"cifar10": 3, "ffhq64": 4, "ffhq256": 4, "imagenet32": 3, "imagenet64": 4}
+    for preset, n in reference.items():
+        cfg = r3gan_cfg(preset, "train.precision=fp32", "model.r3gan.bf16_stages=preset")
+        assert bf16_stages(cfg.model.r3gan) == n
+    G, D = build_models(r3gan_cfg("cifar10", "train.precision=fp32", "model.r3gan.bf16_stages=preset").model, seed=0)
+    assert [s.bf16 for s in G.stages] == [False, True, True, True]  # G's last 3, D's first 3
+    assert [s.bf16 for s in D.stages] == [True, True, True, False]
+    assert bf16_stages(r3gan_cfg("tiny").model.r3gan) == 0  # the default: none
+    for bad in ("-1", "5", "auto", "1.5"):
+        with pytest.raises(ConfigError, match=r"model.r3gan.bf16_stages=.* from 0 to 4"):
+            load_config(None, [*BF16_BASE, f"model.r3gan.bf16_stages={bad}"])
+    with pytest.raises(ConfigError, match=r"model.r3gan.bf16_stages=preset gives ffhq64's 4.*0 to 3"):
+        r3gan_cfg("ffhq64", "train.precision=fp32", "model.r3gan.bf16_stages=preset", "model.resolution=16",
+                  "model.r3gan.widths=[8,8,8]", "model.r3gan.cardinalities=[2,2,2]", "model.r3gan.blocks=[1,1,1]")
+    for more, keys in ((["train.precision=bf16"], "train.precision=fp32 .now bf16"),
+                       (["train.precision=fp16"], "train.precision=fp32 .now fp16"),
+                       (["parallel.fsdp.param_dtype=bf16"], "parallel.fsdp.param_dtype=bf16")):
+        with pytest.raises(ConfigError, match=rf"model.r3gan.bf16_stages=1 .*{keys}"):
+            load_config(None, [*BF16_BASE, "model.r3gan.bf16_stages=1", *more])
+
+
 # ---- every preset's recipe starts on a CPU --------------------------------------------------------
 @pytest.mark.timeout(1500)  # the ImageNet presets: ~100 M parameters per network, R1 + R2 double backward
 @pytest.mark.parametrize("preset", list(RESOLUTION))
@@ -259,3 +368,17 @@ def test_penalties_change_the_r3gan_weights(tmp_path, one_process):
     plain = job(tmp_path, "plain", 1, "--strategy", "none", *R3GAN_PLAIN)[0]
     diff = max((plain["D"][k] - one_process["D"][k]).abs().max().item() for k in plain["D"])
     assert diff > 1e-4, f"R1/R2 hardly changed D ({diff})"
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(900)
+def test_bf16_stages_under_fsdp_equal_ddp(tmp_path, one_process):
+    """model.r3gan.bf16_stages=2 with R1 + R2 in every D step: FSDP (which casts each stage's input
+    to its fp32 param_dtype before the stage casts it to bf16) trains exactly as DDP on the same
+    per-rank batches; and the stages are on (the weights are not the fp32 run's)."""
+    bf16 = ("--set", "model.r3gan.bf16_stages=2")
+    ddp = job(tmp_path, "ddp", 2, *STRATEGIES["ddp"], *R3GAN_EVERY_STEP, *bf16)[0]
+    fsdp = job(tmp_path, "fsdp", 2, *STRATEGIES["fsdp"], *R3GAN_EVERY_STEP, *bf16)[0]
+    assert_same_weights(fsdp, ddp)
+    diff = max((fsdp["G"][k] - one_process["G"][k]).abs().max().item() for k in fsdp["G"])
+    assert diff > 1e-3, f"the bf16 stages hardly changed G ({diff}): were they on?"

@@ -21,6 +21,7 @@ product with an embedding of the class is the logit.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional, Sequence
 
@@ -249,29 +250,71 @@ class DiscriminativeBasis(nn.Module):
 
 
 class Stage(nn.Module):
-    """One resolution: G's transition then its blocks; D's blocks then its transition."""
+    """One resolution: G's transition then its blocks; D's blocks then its transition.
+
+    `bf16` (model.r3gan.bf16_stages): the stage computes in bfloat16, as the reference's
+    `FP16Stages` do: its input is cast to bf16 and every convolution and linear layer runs under
+    bf16 autocast, which rounds the fp32 master weights to bf16 for the product (their gradients
+    come back in fp32); the elementwise layers then see bf16 only, the FIR resampling rounds its
+    fp32 sums back to bf16. In a model with such stages (`mixed`), the other stages cast their
+    input back to the parameters' dtype (fp32): a bf16 activation never meets an fp32 layer."""
 
     def __init__(self, transition: nn.Module, blocks: list[nn.Module], transition_first: bool) -> None:
         super().__init__()
         self.layers = nn.Sequential(*([transition] + blocks if transition_first else blocks + [transition]))
+        self.bf16 = False
+        self.mixed = False
+
+    def cast(self, x: torch.Tensor) -> torch.Tensor:
+        """x in the dtype this stage computes in (unchanged in a model without bf16 stages)."""
+        if self.bf16:
+            return x.to(torch.bfloat16)
+        if self.mixed:
+            p = next(self.parameters(), None)
+            return x.to(p.dtype if p is not None else torch.promote_types(x.dtype, torch.float32))
+        return x
+
+    def precision(self, x: torch.Tensor) -> contextlib.AbstractContextManager:
+        """bf16 autocast for a bf16 stage's layers (and G's last / D's first 1x1 next to it)."""
+        if self.bf16:
+            return torch.autocast(x.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
+        # the cast is inside the stage: FSDP casts each unit's input to its fp32 param_dtype first
+        x = self.cast(x)
+        with self.precision(x):
+            return self.layers(x)
+
+
+def set_bf16_stages(stages: Sequence[Stage], chosen: Sequence[int]) -> None:
+    """Stages `chosen` (indices) compute in bf16, the others in their parameters' dtype."""
+    for i, stage in enumerate(stages):
+        stage.bf16 = i in chosen
+        stage.mixed = bool(chosen)
 
 
 def _blocks(n: int, channels: int, cardinality: int, expansion: int, k: int, total: int) -> list[nn.Module]:
     return [ResidualBlock(channels, cardinality, expansion, k, total) for _ in range(n)]
 
 
+def _check_bf16_stages(n: int, stages: int) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= stages:
+        raise ValueError(f"bf16_stages={n!r} must be an integer from 0 to the {stages} stages")
+
+
 class Generator(nn.Module):
     """z (N, z_dim) [, class indices c (N,)] -> image (N, channels, R, R), R = 4 * 2^(stages - 1).
 
-    `widths`, `cardinalities`, `blocks`: per stage from 4x4 upwards."""
+    `widths`, `cardinalities`, `blocks`: per stage from 4x4 upwards. `bf16_stages`: the last
+    (highest-resolution) stages that compute in bf16 (`Stage`), with the 1x1 to the image after
+    them; the image is returned in z's dtype."""
 
     def __init__(self, z_dim: int, widths: Sequence[int], cardinalities: Sequence[int], blocks: Sequence[int],
                  expansion: int, channels: int = 3, num_classes: int = 0, kernel_size: int = 3,
-                 taps: Sequence[float] = (1, 2, 1)) -> None:
+                 taps: Sequence[float] = (1, 2, 1), bf16_stages: int = 0) -> None:
         super().__init__()
+        _check_bf16_stages(bf16_stages, len(widths))
         self.z_dim, self.num_classes = z_dim, num_classes
         total = sum(blocks)
         embed = z_dim if num_classes else 0
@@ -281,6 +324,8 @@ class Generator(nn.Module):
             stages.append(Stage(Transition(widths[i - 1], widths[i], taps, up=True),
                                 _blocks(blocks[i], widths[i], cardinalities[i], expansion, kernel_size, total), True))
         self.stages = nn.ModuleList(stages)
+        self.bf16_stages = bf16_stages
+        set_bf16_stages(self.stages, range(len(stages) - bf16_stages, len(stages)))
         self.to_image = conv(widths[-1], channels, 1)
         self.embed = _init_gain(nn.Linear(num_classes, embed, bias=False), 1.0) if num_classes else None
 
@@ -293,19 +338,24 @@ class Generator(nn.Module):
         x = z
         for stage in self.stages:
             x = stage(x)
-        return self.to_image(x)
+        with self.stages[-1].precision(x):
+            img = self.to_image(x)
+        return img.to(z.dtype) if self.bf16_stages else img
 
 
 class Discriminator(nn.Module):
     """image (N, channels, R, R) [, class indices c] -> logit (N,).
 
     `widths`, `cardinalities`, `blocks`: per stage from the image's resolution down to 4x4
-    (the generator's lists reversed)."""
+    (the generator's lists reversed). `bf16_stages`: the first (highest-resolution) stages that
+    compute in bf16 (`Stage`), with the 1x1 from the image before them; the logit is returned
+    in the image's dtype."""
 
     def __init__(self, widths: Sequence[int], cardinalities: Sequence[int], blocks: Sequence[int],
                  expansion: int, channels: int = 3, num_classes: int = 0, kernel_size: int = 3,
-                 taps: Sequence[float] = (1, 2, 1)) -> None:
+                 taps: Sequence[float] = (1, 2, 1), bf16_stages: int = 0) -> None:
         super().__init__()
+        _check_bf16_stages(bf16_stages, len(widths))
         self.num_classes = num_classes
         total = sum(blocks)
         embed = widths[-1] if num_classes else 0
@@ -316,19 +366,25 @@ class Discriminator(nn.Module):
         stages.append(Stage(DiscriminativeBasis(widths[-1], embed or 1),
                             _blocks(blocks[-1], widths[-1], cardinalities[-1], expansion, kernel_size, total), False))
         self.stages = nn.ModuleList(stages)
+        self.bf16_stages = bf16_stages
+        set_bf16_stages(self.stages, range(bf16_stages))
         self.embed = (_init_gain(nn.Linear(num_classes, embed, bias=False), 1.0 / math.sqrt(embed))
                       if num_classes else None)
 
     def forward(self, x: torch.Tensor, c: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = self.from_image(x)
+        dtype, first = x.dtype, self.stages[0]
+        x = first.cast(x)
+        with first.precision(x):
+            x = self.from_image(x)
         for stage in self.stages:
             x = stage(x)
         if self.embed is not None:
             if c is None:
                 raise ValueError(f"this discriminator is conditional (model.num_classes={self.num_classes}): "
                                  "it needs class labels")
-            x = (x * self.embed(F.one_hot(c.long(), self.num_classes).to(x.dtype))).sum(dim=1)
-        return x.flatten()
+            # the embedding in the image's dtype: a bf16 last stage's x is promoted for the product
+            x = (x * self.embed(F.one_hot(c.long(), self.num_classes).to(dtype))).sum(dim=1)
+        return x.flatten().to(dtype) if self.bf16_stages else x.flatten()
 
 
 @torch.no_grad()
