@@ -24,7 +24,8 @@ def setup_models(strategy: Any, cfg: Any, seed: Optional[int] = None,
     recipe = build_recipe(cfg, spec)
     G, D = spec.build(cfg.run.seed if seed is None else seed)
     counts = spec.param_counts(G, D)
-    strategy.setup(G, D, make_optimizer or optimizer_factory(cfg.train, recipe), spec.shard_units)
+    strategy.setup(G, D, make_optimizer or optimizer_factory(cfg.train, recipe), spec.shard_units,
+                   spec.checkpoint_units)
     return recipe, spec, counts
 
 

@@ -43,6 +43,9 @@ class TrainConfig:
     beta2: Any = 0.999
     channels_last: bool = True  # NHWC activations into the convolutions (docs/benchmarks.md)
     compile: bool = False  # torch.compile G and D in place; minutes of compiling first (docs/benchmarks.md)
+    # recompute each block's activations in the backward instead of keeping them (docs/benchmarks.md):
+    # false | true (G and D) | G | D | "G,D"; less activation memory for one more forward per backward
+    activation_checkpointing: Any = False
     # convolutions on grids of <= 64 positions as one matmul (gan_dist/matmul_conv.py): auto = on a CPU
     matmul_conv: str = "auto"  # auto | always | never
     log_every: int = 25
@@ -268,6 +271,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.compile=true cannot be combined with a gradient penalty (reg.r1_gamma, "
                           "reg.r2_gamma): the penalty differentiates D's compiled forward twice, which "
                           "torch.compile does not support (docs/recipes.md); use train.compile=false")
+    from gan_dist.parallel.checkpointing import validate as validate_checkpointing
+    validate_checkpointing(cfg)  # train.activation_checkpointing and what it cannot be combined with
     res = cfg.model.resolution
     if res != "auto" and (isinstance(res, bool) or not isinstance(res, int) or res <= 0):
         raise ConfigError(f"model.resolution={res!r} must be a positive integer or auto (from the data)")

@@ -10,7 +10,7 @@ so that a generator loaded from a run samples without its config.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -36,6 +36,13 @@ class ModelSpec:
     # the family's own phases (e.g. StyleGAN2's Greg with path length), from the run config:
     # [(Phase, {term name: Term})]; a Term is called as term(strategy, batch) -> (loss, stats)
     extra_phases: Callable[[Any], list] = field(default=lambda cfg: [])
+    # the shard units whose forward may run twice (activation checkpointing recomputes it in the
+    # backward): none with side effects besides BatchNorm statistics; None: every shard unit
+    recompute_units: Optional[Callable[[nn.Module], list[nn.Module]]] = None
+
+    def checkpoint_units(self, module: nn.Module) -> list[nn.Module]:
+        """The sub-modules of G or D that train.activation_checkpointing recomputes."""
+        return (self.recompute_units or self.shard_units)(module)
 
     def build(self, seed: int) -> tuple[nn.Module, nn.Module]:
         """G and D with weights drawn from `seed`, identical on every rank, the caller's RNG untouched."""

@@ -113,23 +113,33 @@ class Strategy:
 
     # ---- building -------------------------------------------------------------------------
     def setup(self, G: nn.Module, D: nn.Module, make_optimizer: OptimizerFactory,
-              shard_units: Optional[Callable[[nn.Module], list[nn.Module]]] = None) -> None:
+              shard_units: Optional[Callable[[nn.Module], list[nn.Module]]] = None,
+              checkpoint_units: Optional[Callable[[nn.Module], list[nn.Module]]] = None) -> None:
         """Move to the device, wrap, and build the optimizers with `make_optimizer(name, params)`
         (after wrapping: FSDP shards). `shard_units` (the model spec's) names the sub-modules
-        that a sharding strategy may gather one at a time."""
-        self.shard_units = shard_units or (lambda module: [])
+        that a sharding strategy may gather one at a time; `checkpoint_units` those that
+        train.activation_checkpointing recomputes (default: the shard units)."""
+        self.set_units(shard_units, checkpoint_units)
         for name, module in (("G", G), ("D", D)):
             module = self.prepare_module(module, name)
             self.raw[name] = module
             self.wrapped[name] = self.wrap(module, name)
             self.optimizers[name] = self.build_optimizer(make_optimizer, name)
 
+    def set_units(self, shard_units: Optional[Callable[[nn.Module], list[nn.Module]]],
+                  checkpoint_units: Optional[Callable[[nn.Module], list[nn.Module]]] = None) -> None:
+        self.shard_units = shard_units or (lambda module: [])
+        self.checkpoint_units = checkpoint_units or self.shard_units
+
     def build_optimizer(self, make_optimizer: OptimizerFactory, name: str) -> torch.optim.Optimizer:
         return make_optimizer(name, list(self.wrapped[name].parameters()))
 
     def prepare_module(self, module: nn.Module, name: str) -> nn.Module:
         """On the device, with the speed settings of train.channels_last, train.matmul_conv and
-        train.compile."""
+        train.compile, and the memory setting of train.activation_checkpointing (before any
+        wrapping: FSDP2 and ZeRO-3 gather around the checkpointed units)."""
+        from gan_dist.parallel.checkpointing import apply_activation_checkpointing, checkpointed_models
+
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN picks its fastest kernels once
         module = module.to(self.device)
@@ -137,6 +147,8 @@ class Strategy:
             use_matmul_convs(module)
         if self.train_cfg.channels_last:
             channels_last_activations(module)
+        if name in checkpointed_models(self.train_cfg.activation_checkpointing):
+            apply_activation_checkpointing(self.checkpoint_units(module))
         if self.train_cfg.compile:
             self.compile_module(module, name)
         return module

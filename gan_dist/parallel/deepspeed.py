@@ -29,6 +29,7 @@ from torch import nn
 
 from gan_dist.config import ConfigError
 from gan_dist.parallel.base import NAMES, Strategy, broadcast_buffers, ensure_process_group
+from gan_dist.parallel.checkpointing import checkpointed_models, refuse_zero3
 
 INSTALL_HINT = 'pip install "gan_dist[deepspeed]"'
 CHECKPOINT_DIR = "deepspeed"  # inside a checkpoint: deepspeed/G/, deepspeed/D/
@@ -216,6 +217,8 @@ class DeepSpeedStrategy(Strategy):
         os.environ.setdefault("LOCAL_RANK", str(info.local_rank))
         self.config = resolve_config(user, train_cfg, ds_cfg, dist.get_world_size(), self.device.type, source)
         self.zero_stage = self.config["zero_optimization"]["stage"]
+        if checkpointed_models(train_cfg.activation_checkpointing):
+            refuse_zero3(self.zero_stage, f"zero_optimization.stage=3 from {source}")
         if self.config["fp16"]["enabled"] and not fp16_supported():
             raise ConfigError(f"train.precision=fp16 with parallel.strategy=deepspeed: DeepSpeed has no fp16 on this "
                               f"{self.device.type} (a CPU needs AVX512-FP16 or AMX-FP16); use train.precision=bf16 "
@@ -227,7 +230,8 @@ class DeepSpeedStrategy(Strategy):
         self.ds.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
 
     # ---- building -------------------------------------------------------------------------
-    def setup(self, G: nn.Module, D: nn.Module, make_optimizer, shard_units=None) -> None:
+    def setup(self, G: nn.Module, D: nn.Module, make_optimizer, shard_units=None, checkpoint_units=None) -> None:
+        self.set_units(shard_units, checkpoint_units)
         for name, module in (("G", G), ("D", D)):
             module = self.prepare_module(module, name)
             optimizer = make_optimizer(name, list(module.parameters()))

@@ -171,6 +171,12 @@ def _units(module: nn.Module) -> list[nn.Module]:
     return [*module.blocks, *([module.mapping] if module.mapping is not None else []), module.epilogue]
 
 
+def _recompute_units(module: nn.Module) -> list[nn.Module]:
+    # G's mapping network updates its tracked average of w (an all-reduce) in every training
+    # forward: a recomputation would update it twice. Its activations are a few vectors per sample.
+    return [u for u in _units(module) if not getattr(u, "tracks_w_avg", False)]
+
+
 def spec(model_cfg: Any) -> ModelSpec:
     sg = model_cfg.stylegan2
     C, R = model_cfg.channels, model_cfg.resolution
@@ -193,7 +199,7 @@ def spec(model_cfg: Any) -> ModelSpec:
                                          s["channel_max"], s["conv_clamp"], sg.mapping_lr_mult, sg.w_avg_beta, K),
         make_discriminator=lambda: Discriminator(R, C, s["channel_base"], s["channel_max"], s["mbstd_group"],
                                                  s["conv_clamp"], K),
-        init=reset_parameters_, shard_units=_units, check=check,
+        init=reset_parameters_, shard_units=_units, recompute_units=_recompute_units, check=check,
         draw_g_inputs=lambda seed, indices, device: inputs_from_seeds(
             sample_seeds(seed, indices), sg.z_dim, n_ws, sg.style_mixing, device),
         extra_phases=extra_phases)
