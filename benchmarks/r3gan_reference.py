@@ -7,7 +7,9 @@ Both sides train the same architecture (the preset's widths, cardinalities and b
 with the reference's recipe at its schedules' start: a D phase with the relativistic loss plus
 R1 and R2 on every step (gamma / 2 each), then a G phase with the relativistic loss, Adam (0, 0.9),
 one process; fp32 on both sides (`--precision fp32`), or each side's own mixed precision
-(`--precision preset`: the reference's bf16 stages of the preset, gan_dist's bf16 autocast). The reference runs its `training/loss.py` R3GANLoss and the phase loop of
+(`--precision preset`: the reference's bf16 stages of the preset, gan_dist's bf16 autocast), or
+both with the preset's bf16 stages (`--precision stages`: gan_dist's train.precision=fp32 with
+model.r3gan.bf16_stages=preset). The reference runs its `training/loss.py` R3GANLoss and the phase loop of
 `training/training_loop.py` (rewritten here: its loop also loads data, all-reduces and writes
 snapshots) on its CPU paths (`bias_act` and `upfirdn2d` reference implementations); gan_dist
 runs `gan_dist.loop.train_step` with its defaults for a CPU (channels_last, matmul
@@ -22,8 +24,9 @@ package); its `pkg_resources` import (only `parse_version`) is answered by `pack
 does not time: it copies gan_dist's G and D weights into the reference's (an explicit name map that
 pairs every parameter once) at the digits demo's widths and the cifar10 preset's, unconditional and
 with 10 classes, and compares G's images, D's logits, R1's input gradient and the parameter gradients
-of the R1 penalty and of G's loss, in fp32 and in fp64; and each layer's init std of both sides
-(r3gan_reference_outputs.{json,md}).
+of the R1 penalty and of G's loss, in fp32 and in fp64, and with 3 bf16 stages on both sides
+(gan_dist's model.r3gan.bf16_stages=3, the reference's FP16Stages [-1, -2, -3] for G and D's
+first three); and each layer's init std of both sides (r3gan_reference_outputs.{json,md}).
 """
 from __future__ import annotations
 
@@ -54,8 +57,9 @@ RECIPES = {"r3gan-cifar10": {"gamma": 0.05, "lr": 2e-4, "beta2": 0.9, "bf16_stag
 def gan_dist_side(model: str, batch: int, precision: str,
                   overrides: list[str]) -> tuple[Callable[[int], None], dict[str, Any]]:
     r = RECIPES[model]
-    cfg = common.build_config(model, batch, "fp32" if precision == "fp32" else "bf16", "none", True, False,
-                              [f"reg.r1_gamma={r['gamma']}", f"reg.r2_gamma={r['gamma']}", "reg.d_every=1",
+    stages = ["model.r3gan.bf16_stages=preset"] if precision == "stages" else []
+    cfg = common.build_config(model, batch, "bf16" if precision == "preset" else "fp32", "none", True, False,
+                              [*stages, f"reg.r1_gamma={r['gamma']}", f"reg.r2_gamma={r['gamma']}", "reg.d_every=1",
                                f"train.lr_g={r['lr']}", f"train.lr_d={r['lr']}", "train.beta1=0",
                                f"train.beta2={r['beta2']}", "ema.enabled=false", *overrides])
     return gan_dist_step(cfg, batch)
@@ -85,7 +89,7 @@ def reference_side(ref: Path, model: str, cfg: Any, batch: int,
     p, R, C, r = resolve(cfg.model.r3gan), cfg.model.resolution, cfg.model.channels, RECIPES[model]
     if C != 3:
         raise SystemExit(f"the reference's networks are RGB only; {model} has model.channels={C}")
-    g_bf16 = r["bf16_stages"] if precision == "preset" else []
+    g_bf16 = r["bf16_stages"] if precision in ("preset", "stages") else []
     d_bf16 = [i + len(g_bf16) for i in g_bf16]  # train.py's mapping of G's stages to D's
     torch.manual_seed(0)
     G = Generator(NoiseDimension=p.z_dim, WidthPerStage=list(p.widths), CardinalityPerStage=list(p.cardinalities),
@@ -147,6 +151,8 @@ CHECK_SETTINGS = {
                "model.r3gan.z_dim=32"],
     "cifar10": ["model.resolution=32", "model.r3gan.preset=cifar10"],
 }
+# the bf16 stages compared: cifar10's FP16Stages count (G's last 3, D's first 3), at both settings' 4 stages
+CHECK_BF16_STAGES = 3
 # gan_dist's parameter names -> the reference's (training/networks.py wrappers, R3GAN/Networks.py inside).
 # Stages and layer indices are the same on both sides (G: transition first, D: transition last). Neither side
 # scales its weights at run time (the reference's Convolution casts the dtype only, its bias_act runs with
@@ -277,6 +283,30 @@ def side_quantities(G: torch.nn.Module, D: torch.nn.Module, z: torch.Tensor, c: 
     return out
 
 
+def bf16_stage_nets(setting: str, classes: int, G: torch.nn.Module, D: torch.nn.Module,
+                    n: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """gan_dist's G and D built with model.r3gan.bf16_stages=n (train.precision=fp32), holding G's and D's weights."""
+    from gan_dist.config import load_config
+    from gan_dist.models import model_spec
+
+    cfg = load_config(None, ["model.arch=r3gan", "model.channels=3", f"model.num_classes={classes}",
+                             "train.precision=fp32", f"model.r3gan.bf16_stages={n}", *CHECK_SETTINGS[setting]])
+    G_b, D_b = model_spec(cfg.model).build(0)
+    G_b.load_state_dict(G.state_dict())
+    D_b.load_state_dict(D.state_dict())
+    return G_b.train().requires_grad_(True), D_b.train().requires_grad_(True)
+
+
+def set_reference_bf16_(G_ref: torch.nn.Module, D_ref: torch.nn.Module, n: int, dtype: torch.dtype) -> None:
+    """The reference's FP16Stages as its training/networks.py sets them: G's stages -1..-n, D's (train.py's
+    mapping) -1 + n .. -n + n, i.e. its first n, get `dtype` as their DataType."""
+    g_stages = [-(i + 1) for i in range(n)]
+    for x in g_stages:
+        G_ref.Model.MainLayers[x].DataType = dtype
+    for x in [i + n for i in g_stages]:
+        D_ref.Model.MainLayers[x].DataType = dtype
+
+
 def activations(module: torch.nn.Module) -> list[torch.nn.Module]:
     """The biased leaky ReLUs, in forward order: gan_dist's BiasedLeakyReLU, the reference's NonLinearity1/2."""
     return [m for n, m in module.named_modules()
@@ -317,7 +347,14 @@ def compare_outputs(setting: str, classes: int, batch: int, seed: int) -> dict[s
     real = torch.rand(batch, 3, R, R, generator=gen) * 2 - 1
     orders = {k: ([n for n, _, _ in pairs[k]], [r for _, r, _ in pairs[k]]) for k in pairs}
     results = {}
-    for dtype in (torch.float32, torch.float64):
+    for dtype in (torch.float32, "bf16 stages", torch.float64):
+        if dtype == "bf16 stages":  # between fp32 and fp64: the weights are still the fp32 ones
+            G_b, D_b = bf16_stage_nets(setting, classes, G, D, CHECK_BF16_STAGES)
+            set_reference_bf16_(G_ref, D_ref, CHECK_BF16_STAGES, torch.bfloat16)
+            results[("gan_dist", dtype)] = side_quantities(G_b, D_b, z, labels, real, orders["D"][0], orders["G"][0])
+            results[("reference", dtype)] = side_quantities(G_ref, D_ref, z, c_ref, real, orders["D"][1], orders["G"][1])
+            set_reference_bf16_(G_ref, D_ref, CHECK_BF16_STAGES, torch.float32)
+            continue
         if dtype == torch.float64:
             for m, is_ref in ((G, False), (D, False), (G_ref, True), (D_ref, True)):
                 to_float64_(m, is_ref)
@@ -342,7 +379,13 @@ def compare_outputs(setting: str, classes: int, batch: int, seed: int) -> dict[s
                     "reference fp32 vs fp64": difference(results[("reference", torch.float32)][key],
                                                          results[("reference", torch.float64)][key]),
                     "gan_dist fp32 vs reference fp64": difference(results[("gan_dist", torch.float32)][key],
-                                                                  results[("reference", torch.float64)][key])}
+                                                                  results[("reference", torch.float64)][key]),
+                    "bf16 stages": difference(results[("gan_dist", "bf16 stages")][key],
+                                              results[("reference", "bf16 stages")][key]),
+                    "reference bf16 stages vs fp32": difference(results[("reference", "bf16 stages")][key],
+                                                                results[("reference", torch.float32)][key]),
+                    "gan_dist bf16 stages vs fp32": difference(results[("gan_dist", "bf16 stages")][key],
+                                                               results[("gan_dist", torch.float32)][key])}
     return out
 
 
@@ -413,6 +456,22 @@ def write_check_markdown(result: dict[str, Any], path: Path) -> None:
               "weights, the floor the fp32 column is measured against.", "",
               f"Largest relative difference in fp32: **{result['max_rel']:.1e}** (the reference's own fp32 rounding "
               f"reaches {result['max_rel_reference_fp32_rounding']:.1e}); in fp64: **{result['max_rel_fp64']:.1e}**.", "",
+              f"## With {result['bf16_stages']} bf16 stages", "",
+              f"gan_dist with `model.r3gan.bf16_stages={result['bf16_stages']}` (train.precision=fp32) against the "
+              f"reference with the same stages in bf16 (`FP16Stages`, set as its training/networks.py does: G's last "
+              f"{result['bf16_stages']}, D's first {result['bf16_stages']}), the same fp32 weights and inputs as above. "
+              "The reference's own bf16 stages against its fp32 is the size of bf16 rounding, the floor.", "",
+              "| setting | classes | quantity | bf16 stages: gan_dist vs reference | bf16 rounding: reference bf16 "
+              "stages vs its fp32 | gan_dist bf16 stages vs its fp32 |", "|---|---|---|---|---|---|"]
+    for r in result["outputs"]:
+        for i, k in enumerate(keys):
+            head = f"| {r['setting']} | {r['classes']} " if i == 0 else "| | "
+            lines.append(head + f"| {k} | " + " | ".join(
+                f"{r[k][m]['max_abs']:.1e} ({r[k][m]['max_rel']:.1e})"
+                for m in ("bf16 stages", "reference bf16 stages vs fp32", "gan_dist bf16 stages vs fp32")) + " |")
+    lines += ["", f"Largest relative difference with the bf16 stages: **{result['max_rel_bf16_stages']:.1e}** "
+              f"(the reference's bf16 stages are off its fp32 by up to {result['max_rel_reference_bf16_rounding']:.1e}).",
+              "",
               "## Initialisation", "",
               "Per layer, the weight's std pooled over the draws (seeds 0..draws-1 on each side; the two sides draw "
               "in different orders, so the check is statistical): gan_dist's / the reference's, against a tolerance "
@@ -447,11 +506,15 @@ def check_outputs(ref: Path, revision: str, args: argparse.Namespace) -> None:
               "outputs": outputs, "max_rel": max(r[k]["fp32"]["max_rel"] for r in outputs for k in keys),
               "max_rel_fp64": max(r[k]["fp64"]["max_rel"] for r in outputs for k in keys),
               "max_rel_reference_fp32_rounding": max(r[k]["reference fp32 vs fp64"]["max_rel"] for r in outputs for k in keys),
+              "bf16_stages": CHECK_BF16_STAGES,
+              "max_rel_bf16_stages": max(r[k]["bf16 stages"]["max_rel"] for r in outputs for k in keys),
+              "max_rel_reference_bf16_rounding": max(r[k]["reference bf16 stages vs fp32"]["max_rel"]
+                                                     for r in outputs for k in keys),
               "init": init}
     out = Path(args.out) if args.out else RESULTS / "r3gan_reference_outputs.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     write_check_markdown(result, out.with_suffix(".md"))
-    print("largest relative difference", result["max_rel"])
+    print("largest relative difference", result["max_rel"], "with bf16 stages", result["max_rel_bf16_stages"])
 
 
 def main() -> None:
@@ -462,9 +525,10 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=2, help="iterations per timed block")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--precision", choices=["fp32", "preset"], default="fp32",
-                   help="fp32 on both sides, or each side's mixed precision for the preset: the reference's "
-                        "bf16 stages (its FP16Stages), gan_dist's train.precision=bf16 (autocast, every stage)")
+    p.add_argument("--precision", choices=["fp32", "preset", "stages"], default="fp32",
+                   help="fp32 on both sides; preset: each side's mixed precision for the preset, the reference's "
+                        "bf16 stages (its FP16Stages), gan_dist's train.precision=bf16 (autocast, every stage); "
+                        "stages: both with the preset's bf16 stages (gan_dist's model.r3gan.bf16_stages=preset)")
     p.add_argument("--revision", default=None, help="the reference's commit, when --ref is not a git work tree")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override for both sides' sizes, e.g. model.r3gan.widths=[64,64,64,64]")
@@ -493,8 +557,11 @@ def main() -> None:
         "model": args.model, "overrides": args.overrides, "batch_size": args.batch_size, "iters_per_block": args.iters,
         "repeats": args.repeats, "threads": args.threads,
         "precision": ("fp32" if args.precision == "fp32" else
-                      {"gan_dist": "bf16 autocast", "reference": f"bf16 stages {RECIPES[args.model]['bf16_stages']} of G "
-                                                                "(and D's at the same resolutions), fp32 elsewhere"}),
+                      {"gan_dist": ("bf16 autocast" if args.precision == "preset" else
+                                    f"model.r3gan.bf16_stages=preset ({len(RECIPES[args.model]['bf16_stages'])}), "
+                                    "fp32 elsewhere"),
+                       "reference": f"bf16 stages {RECIPES[args.model]['bf16_stages']} of G "
+                                    "(and D's at the same resolutions), fp32 elsewhere"}),
         "recipe": {"loss": "rpgan", "gamma": RECIPES[args.model]["gamma"], "r1_r2_every": 1,
                    "lr": RECIPES[args.model]["lr"], "betas": [0, RECIPES[args.model]["beta2"]]},
         "params": {"gan_dist": ours_info["params"], "reference": theirs_info["params"]},
@@ -503,8 +570,8 @@ def main() -> None:
         "rows": rows,
         "speedup": round(rows["gan_dist"]["img_per_sec"] / rows["reference"]["img_per_sec"], 3),
     }
-    out = Path(args.out) if args.out else RESULTS / ("r3gan_reference_cpu.json" if args.precision == "fp32"
-                                                     else "r3gan_reference_cpu_mixed.json")
+    name = {"fp32": "r3gan_reference_cpu", "preset": "r3gan_reference_cpu_mixed", "stages": "r3gan_reference_cpu_stages"}
+    out = Path(args.out) if args.out else RESULTS / f"{name[args.precision]}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
     write_markdown(result, out.with_suffix(".md"))
