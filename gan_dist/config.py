@@ -195,7 +195,9 @@ class AugmentConfig:
     """Differentiable augmentation of every image D sees, real and fake (docs/recipes.md)."""
     kind: str = "none"  # none | diffaugment | ada
     policy: str = "color,translation,cutout"  # diffaugment: comma-separated, applied in this order
-    pipeline: str = "bgc"  # ada: b (blit), g (geometric), c (color), combined as in "bgc"
+    pipeline: str = "bgc"  # ada: b (blit), g (geometric), c (color), o (cutout), combined as in "bgc"
+    # ada: per-op multipliers of p, e.g. {brightness: 0.5}; unlisted ops: 1
+    p_scale: dict[str, float] = field(default_factory=dict)
     p: Any = None  # ada: a fixed probability, or a schedule {start, end, kimg, shape}; null: adjusted toward `target`
     target: float = 0.6  # ada: the wanted E[sign(D(x_real))]
     interval: int = 4  # ada: steps between adjustments of p

@@ -106,6 +106,33 @@ def test_ada_ops():
     half = ada_augment(z, u2, n2, torch.tensor(0.5), ("xflip",))
     changed = ((half - z).abs().flatten(1).max(dim=1).values > 1e-4).float().mean().item()
     assert 0.17 < changed < 0.33  # applied with p = 0.5, and then a flip 1 time in 2
+    # augment.p_scale multiplies an op's p: at p = 1 and scale 0.5, the same as p = 0.5
+    scaled = ada_augment(z, u2, n2, torch.tensor(1.0), ("xflip",), {"xflip": 0.5})
+    torch.testing.assert_close(scaled, half, rtol=0, atol=0)
+    assert not torch.equal(ada_augment(z, u2, n2, torch.tensor(1.0), ("xflip",)), half)
+    off = ada_augment(x, u, n, torch.tensor(1.0), ops_of("bgc"), {op: 0.0 for op in ops_of("bgc")})
+    torch.testing.assert_close(off, x, rtol=0, atol=1e-5)
+
+
+def test_ada_cutout_zeroes_a_half_side_square_with_probability_p():
+    side = 32
+    x = images(400, 3, side, seed=3).abs() + 0.1  # no zeros of its own
+    u, n = draws(0, 0, 0, range(400), N_UNIFORM, N_NORMAL, "cpu")
+    y = ada_augment(x, u, n, torch.tensor(0.5), ("cutout",))
+    zero = y == 0
+    assert torch.equal(zero, zero[:, :1].expand_as(zero))  # every channel alike
+    cut = zero[:, 0].flatten(1).any(dim=1)
+    assert 0.42 < cut.float().mean().item() < 0.58  # applied with p = 0.5
+    torch.testing.assert_close(y[~cut], x[~cut], rtol=0, atol=0)
+    torch.testing.assert_close(y[zero.logical_not()], x[zero.logical_not()], rtol=0, atol=0)
+    for i in cut.nonzero().flatten().tolist():
+        rows, cols = zero[i, 0].any(dim=1), zero[i, 0].any(dim=0)
+        # a square of side/2 (clipped by the border) about the drawn centre, and nothing else
+        assert torch.equal(zero[i, 0], rows[:, None] & cols[None, :])
+        cy, cx = u[i, 23].item() * side, u[i, 22].item() * side
+        for mask, c in ((rows, cy), (cols, cx)):
+            inside = [k for k in range(side) if abs(k + 0.5 - c) < side / 4]
+            assert mask.nonzero().flatten().tolist() == inside
 
 
 def smooth_images(n: int, c: int, side: int, seed: int = 0) -> torch.Tensor:
@@ -231,7 +258,9 @@ def test_ada_moves_p_toward_the_target():
                                           ("augment.pipeline=bgx", "augment.pipeline"),
                                           ("augment.target=1.0", "augment.target"),
                                           ("augment.target=0", "augment.target"),
-                                          ("augment.p=1.5", "augment.p")])
+                                          ("augment.p=1.5", "augment.p"),
+                                          ("augment.p_scale={flip: 0.5}", "augment.p_scale.flip"),
+                                          ("augment.p_scale={hue: -0.5}", "augment.p_scale.hue")])
 def test_bad_settings_are_refused_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(None, [override])

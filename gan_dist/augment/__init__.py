@@ -52,7 +52,13 @@ def validate(aug_cfg: Any) -> None:
     if bad or not aug_cfg.pipeline:
         raise _error(f"augment.pipeline={aug_cfg.pipeline!r}: unknown part {''.join(bad) or '(none given)'}; "
                      "combine b (x-flip, 90-degree rotations, integer translation), g (scaling, rotation, "
-                     "fractional translation) and c (colour), e.g. bgc")
+                     "fractional translation), c (colour) and o (cutout), e.g. bgc")
+    ops = [op for letter in PIPELINES for op in PIPELINES[letter]]
+    for op, scale in dict(aug_cfg.p_scale or {}).items():
+        if op not in ops:
+            raise _error(f"augment.p_scale.{op}: not an ADA op; the ops are: {', '.join(ops)}")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale < 0:
+            raise _error(f"augment.p_scale.{op}={scale!r} must be a number >= 0 (the op's probability is p x it)")
     if not 0 < aug_cfg.target < 1:
         raise _error(f"augment.target={aug_cfg.target!r} must be in (0, 1) (ADA's wanted E[sign(D(x_real))], e.g. 0.6)")
     from gan_dist.schedules import parse
@@ -129,9 +135,10 @@ class ADA(Augment):
     kind = "ada"
 
     def __init__(self, seed: int, pipeline: str, p: Optional[float], target: float, interval: int,
-                 kimg: float, p_init: float) -> None:
+                 kimg: float, p_init: float, p_scale: Optional[dict[str, float]] = None) -> None:
         super().__init__(seed)
         self.ops = ops_of(pipeline)
+        self.scales = {op: float(v) for op, v in (p_scale or {}).items()}
         self.fixed = p is not None
         self.target, self.interval, self.kimg = target, interval, kimg
         self.p = torch.tensor(float(p if p is not None else p_init))
@@ -150,7 +157,7 @@ class ADA(Augment):
     def apply(self, x, step, call, index):
         self._on(x.device)
         u, n = draws(self.seed, step, call, index, N_UNIFORM, N_NORMAL, x.device)
-        return ada_augment(x, u, n, self.p, self.ops)
+        return ada_augment(x, u, n, self.p, self.ops, self.scales)
 
     def observe(self, real_logits):
         if self.fixed:
@@ -161,7 +168,9 @@ class ADA(Augment):
                                                                                  device=logits.device)])
 
     def end_step(self, step):
-        if not self.fixed and (step + 1) % self.interval == 0:
+        if self.fixed:  # fixed or scheduled: no heuristic to report
+            return {"augment/p": self.p}
+        if (step + 1) % self.interval == 0:
             from gan_dist.distributed import all_reduce_mean, world_size
 
             total = all_reduce_mean(self.signs)  # the same scale for both: their ratio is the global mean
@@ -190,7 +199,7 @@ def build_augment(cfg: Any) -> Optional[Augment]:
         return DiffAugment(cfg.run.seed, [n.strip() for n in a.policy.split(",") if n.strip()])
     from gan_dist.schedules import parse, value_at
     p = value_at(parse("augment.p", a.p), 0)  # a schedule starts at its start; the trainer moves it
-    return ADA(cfg.run.seed, a.pipeline, p, a.target, a.interval, a.kimg, a.p_init)
+    return ADA(cfg.run.seed, a.pipeline, p, a.target, a.interval, a.kimg, a.p_init, dict(a.p_scale or {}))
 
 
 __all__ = ["ADA", "Augment", "DiffAugment", "KINDS", "build_augment", "call_key", "validate"]

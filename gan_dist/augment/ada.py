@@ -8,6 +8,10 @@ probability p per sample.
        fractional translation (normal, std 1/8 of the side)
     c  brightness (+ N(0, 0.2)), contrast (x 2^N(0, 0.5)), luma flip, hue rotation (uniform
        about the luma axis), saturation (x 2^N(0, 1) off the luma axis)
+    o  cutout: a square of half the side, centred uniformly, set to 0 (last)
+
+`augment.p_scale` multiplies p per op (the reference's probability multipliers; R3GAN's pipe
+runs the colour ops at 0.5 x p).
 
 The geometric ops compose into one 2x3 matrix per sample (output -> input coordinates, in
 grid_sample's [-1, 1] convention) and the images are resampled once, as the reference does
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -42,15 +47,16 @@ import torch.nn.functional as F
 from gan_dist.augment.fir import SYM6, downsample_matrix, downsample_positions, upsample_matrix
 
 PIPELINES = {"b": ("xflip", "rotate90", "xint"), "g": ("scale", "rotate", "aniso", "xfrac"),
-             "c": ("brightness", "contrast", "lumaflip", "hue", "saturation")}
+             "c": ("brightness", "contrast", "lumaflip", "hue", "saturation"), "o": ("cutout",)}
 # uniform columns: (apply, value[, value]) per op; normal columns: values
 U = {"xflip": (0, 1), "rotate90": (2, 3), "xint": (4, 5, 6), "scale": (7,), "rotate_pre": (8, 9),
      "aniso": (10,), "rotate_post": (11, 12), "xfrac": (13,), "brightness": (14,), "contrast": (15,),
-     "lumaflip": (16, 17), "hue": (18, 19), "saturation": (20,)}
+     "lumaflip": (16, 17), "hue": (18, 19), "saturation": (20,), "cutout": (21, 22, 23)}
 N = {"scale": 0, "aniso": 1, "xfrac": (2, 3), "brightness": 4, "contrast": 5, "saturation": 6}
-N_UNIFORM, N_NORMAL = 21, 7
+N_UNIFORM, N_NORMAL = 24, 7
 XINT_MAX, SCALE_STD, ANISO_STD, XFRAC_STD = 0.125, 0.2, 0.2, 0.125
 BRIGHTNESS_STD, CONTRAST_STD, SATURATION_STD = 0.2, 0.5, 1.0
+CUTOUT_SIZE = 0.5  # the side of cutout's square, as a fraction of the image's
 
 
 def band(n: int) -> int:
@@ -89,13 +95,15 @@ def _rotate(theta):
 
 
 def geometric_matrix(ops: tuple[str, ...], u: torch.Tensor, n: torch.Tensor, p: torch.Tensor,
-                     size: tuple[int, int]) -> torch.Tensor:
-    """(N, 3, 3) output -> input coordinates in [-1, 1] of the geometric ops in `ops`."""
+                     size: tuple[int, int], scales: Optional[dict[str, float]] = None) -> torch.Tensor:
+    """(N, 3, 3) output -> input coordinates in [-1, 1] of the geometric ops in `ops`, each op
+    applied with probability p x its scale (`scales`, default 1)."""
     B, (H, W) = u.shape[0], size
     G = _eye(3, B, u)
+    scales = scales or {}
 
-    def on(op: str, prob: torch.Tensor = p) -> torch.Tensor:
-        return (u[:, U[op][0]] < prob).to(u.dtype)
+    def on(op: str, prob: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return (u[:, U[op][0]] < (p * scales.get(op, 1.0) if prob is None else prob)).to(u.dtype)
 
     if "xflip" in ops:
         flip = torch.floor(u[:, U["xflip"][1]] * 2) * on("xflip")
@@ -111,7 +119,7 @@ def geometric_matrix(ops: tuple[str, ...], u: torch.Tensor, n: torch.Tensor, p: 
     if "scale" in ops:
         s = torch.exp2(n[:, N["scale"]] * SCALE_STD * on("scale"))
         G = G @ _scale(1 / s, 1 / s)
-    p_rot = 1 - torch.sqrt((1 - p).clamp(min=0))
+    p_rot = 1 - torch.sqrt((1 - p * scales.get("rotate", 1.0)).clamp(min=0))
     if "rotate" in ops:
         theta = (u[:, U["rotate_pre"][1]] * 2 - 1) * math.pi * on("rotate_pre", p_rot)
         G = G @ _rotate(-theta)
@@ -128,16 +136,19 @@ def geometric_matrix(ops: tuple[str, ...], u: torch.Tensor, n: torch.Tensor, p: 
     return G
 
 
-def color_matrix(ops: tuple[str, ...], u: torch.Tensor, n: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """(N, 4, 4) acting on [r, g, b, 1] of the colour ops in `ops`."""
+def color_matrix(ops: tuple[str, ...], u: torch.Tensor, n: torch.Tensor, p: torch.Tensor,
+                 scales: Optional[dict[str, float]] = None) -> torch.Tensor:
+    """(N, 4, 4) acting on [r, g, b, 1] of the colour ops in `ops` (probability p x scale)."""
     B = u.shape[0]
     C = _eye(4, B, u)
     I4 = _eye(4, B, u)
     v = torch.tensor([1.0, 1.0, 1.0, 0.0], device=u.device, dtype=u.dtype) / math.sqrt(3)
     vv = torch.outer(v, v).expand(B, 4, 4)
 
+    scales = scales or {}
+
     def on(op: str) -> torch.Tensor:
-        return (u[:, U[op][0]] < p).to(u.dtype).view(-1, 1, 1)
+        return (u[:, U[op][0]] < p * scales.get(op, 1.0)).to(u.dtype).view(-1, 1, 1)
 
     if "brightness" in ops:
         b = n[:, N["brightness"]] * BRIGHTNESS_STD * on("brightness").view(-1)
@@ -230,23 +241,39 @@ def _along_rows_then_columns(x: torch.Tensor, rows: torch.Tensor, cols: torch.Te
     return torch.matmul(rows, y).view(B, C, rows.shape[0], cols.shape[0])
 
 
+def cutout_mask(u: torch.Tensor, p: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(N, 1, H, W): 0 inside a square of side CUTOUT_SIZE (of each side) centred uniformly in
+    the image, applied per sample with probability p; 1 elsewhere (as stylegan2-ada's cutout)."""
+    H, W = size
+    on = (u[:, U["cutout"][0]] < p).to(u.dtype)
+    half = (CUTOUT_SIZE / 2) * on.view(-1, 1, 1, 1)  # 0: no square
+    cx, cy = (u[:, U["cutout"][k]].view(-1, 1, 1, 1) for k in (1, 2))
+    xs = (torch.arange(W, device=u.device, dtype=u.dtype) + 0.5).view(1, 1, 1, -1) / W
+    ys = (torch.arange(H, device=u.device, dtype=u.dtype) + 0.5).view(1, 1, -1, 1) / H
+    return ((xs - cx).abs() >= half) | ((ys - cy).abs() >= half)
+
+
 def ada_augment(x: torch.Tensor, u: torch.Tensor, n: torch.Tensor, p: torch.Tensor,
-                ops: tuple[str, ...]) -> torch.Tensor:
-    """x (N, C, H, W) in [-1, 1] through the ops, each applied per sample with probability p."""
+                ops: tuple[str, ...], scales: Optional[dict[str, float]] = None) -> torch.Tensor:
+    """x (N, C, H, W) in [-1, 1] through the ops, each applied per sample with probability
+    p x its scale (`augment.p_scale`, default 1)."""
     B, C, H, W = x.shape
     dtype = x.dtype
     p = p.to(u.dtype)
     x = x.to(torch.promote_types(dtype, torch.float32), memory_format=torch.contiguous_format)
     if any(op in ops for op in PIPELINES["b"] + PIPELINES["g"]):
-        x = resample(x, geometric_matrix(ops, u, n, p, (H, W)))
+        x = resample(x, geometric_matrix(ops, u, n, p, (H, W), scales))
     if any(op in ops for op in PIPELINES["c"]):
-        M = color_matrix(ops, u, n, p).to(x.dtype)
+        M = color_matrix(ops, u, n, p, scales).to(x.dtype)
         if C == 3:
             x = (M[:, :3, :3] @ x.reshape(B, 3, H * W) + M[:, :3, 3:]).reshape(B, 3, H, W)
         else:  # grayscale: the colour matrix's mean gain and offset (brightness, contrast)
             gain = M[:, :3, :3].mean(dim=1).sum(dim=1)  # the mean row's response to a gray pixel
             x = x * gain.view(-1, 1, 1, 1) + M[:, :3, 3].mean(dim=1).view(-1, 1, 1, 1)
+    if "cutout" in ops:
+        x = x * cutout_mask(u, p * (scales or {}).get("cutout", 1.0), (H, W)).to(x.dtype)
     return x.to(dtype)
 
 
-__all__ = ["N_NORMAL", "N_UNIFORM", "PIPELINES", "ada_augment", "color_matrix", "geometric_matrix", "ops_of", "resample"]
+__all__ = ["N_NORMAL", "N_UNIFORM", "PIPELINES", "ada_augment", "color_matrix", "cutout_mask", "geometric_matrix",
+           "ops_of", "resample"]
