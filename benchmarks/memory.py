@@ -6,6 +6,8 @@
     python benchmarks/memory.py --render benchmarks/results/memory.json      # the table of earlier results
     python benchmarks/memory.py --config configs/stylegan2_256.yaml --strategies ddp,fsdp --world-sizes 2 \
         --batch-size 2 --json benchmarks/results/memory_stylegan2_256.json --md benchmarks/results/memory_stylegan2_256.md
+    python benchmarks/memory.py --config configs/stylegan2_256.yaml --strategies ddp,fsdp --world-sizes 2 \
+        --batch-size 2 --set train.activation_checkpointing=true     # blocks recompute their activations
 
 Each (world size, strategy) runs as its own job (torchrun for several processes) on a wide
 DCGAN (64x64 RGB, ngf = ndf = 256: ~91 M parameters, 365 MB in fp32), or on the model and
