@@ -59,8 +59,10 @@ def validate(cfg: Any) -> None:
     if not checkpointed_models(cfg.train.activation_checkpointing):
         return
     if cfg.train.compile:
-        # not verified: the checkpointed units and their recomputation context under
-        # torch.compile of the whole model (compile is refused with the penalties anyway)
+        # under torch.compile, torch.utils.checkpoint takes only a context_fn that returns two
+        # TorchDispatchModes ("In torch.compile mode, `context_fn` ... must generate a tuple of
+        # two `TorchDispatchMode`s", torch 2.14.1), and the recomputation context here (BatchNorm
+        # statistics put back) is not one; compile is refused with the penalties anyway
         raise ConfigError(f"{KEY} cannot be combined with train.compile=true: use one of them")
     if cfg.parallel.strategy == "deepspeed":
         refuse_zero3(cfg.parallel.deepspeed.zero_stage, "parallel.deepspeed.zero_stage=3")
