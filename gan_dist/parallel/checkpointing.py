@@ -1,27 +1,33 @@
 """Activation checkpointing of the shard units: their activations are recomputed in the backward
 instead of being kept from the forward (train.activation_checkpointing).
 
-Each unit (a block of G or D, the model spec's `checkpoint_units`) gets torch's composable
-non-reentrant `checkpoint` (torch.distributed._composable): forward hooks, so the module tree,
-the parameter names and the state_dict keys stay those of the plain model (checkpoints load
-either way), and it is applied before wrapping: FSDP2's `fully_shard` and ZeRO-3 then gather a
-unit's parameters around the checkpointed forward (FSDP2 skips its own forward hooks during a
-recomputation, its pre-backward hook has gathered the unit already). What it costs: one more
-forward of each checkpointed unit per backward through it.
+Each unit (a block of G or D, the model spec's `checkpoint_units`) runs its own forward under
+non-reentrant `torch.utils.checkpoint` (`_checkpointed_forward`, set as the unit's `forward`):
+the module tree, the parameter names and the state_dict keys stay those of the plain model
+(checkpoints load either way). It is applied before wrapping, so the module's hooks stay
+outside the checkpointed call: FSDP2's `fully_shard` gathers a unit around it, and its
+pre-backward hook has gathered the unit again when the backward recomputes it. DDP and ZeRO
+0-2 touch only gradients. What it costs: one more forward of each checkpointed unit per
+backward through it.
+
+Why not torch.distributed._composable.checkpoint (hooks, keys unchanged too): it enters its
+recomputation context once only (`_no_hook`, a generator context manager), and a double backward
+recomputes a unit twice, the second time failing with "AttributeError: '_GeneratorContextManager'
+object has no attribute 'args'" (torch 2.14.1). checkpoint_wrapper renames every key.
 
 Exactness. A recomputation repeats the forward's arithmetic, so the saved tensors it gives back
 are bitwise those of the forward; torch restores the RNG state for it (preserve_rng_state), and
 gan_dist draws its per-sample randomness from (seed, step, index) anyway (gan_dist.rng).
 Double backward (R1/R2, path length): autograd.grad(create_graph=True) unpacks recomputed
 tensors attached to the forward graph's nodes, so the outer backward differentiates the same
-graph as without checkpointing (the outer backward recomputes again). tests/
-test_activation_checkpointing.py checks equal weights with and without, every family and phase.
+graph as without checkpointing (and recomputes again). tests/test_activation_checkpointing.py
+checks equal weights and buffers with and without, every family and phase.
 
-Side effects of a forward must happen once. BatchNorm's running statistics: a
-recomputation updates them again, and `_NoStatUpdates` puts back the values they had before
-it, so the buffers move once per forward. Other updates in a
-forward (StyleGAN2's tracked average of w, with its all-reduce) are the family's business: its
-spec leaves such units out of `checkpoint_units`.
+Side effects of a forward must happen once. BatchNorm's running statistics: a recomputation
+updates them again, and `_NoStatUpdates` puts back the values they had before it, so the
+buffers move once per forward. Other updates in a forward (StyleGAN2's tracked average of w,
+with its all-reduce) are the family's business: its spec leaves such units out of
+`checkpoint_units` (ModelSpec.recompute_units).
 """
 from __future__ import annotations
 
