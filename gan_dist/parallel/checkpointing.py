@@ -78,8 +78,12 @@ def refuse_zero3(stage: Any, source: str) -> None:
     """ZeRO-3 gathers each sub-module's parameters in its forward hooks and releases them in its
     backward hooks. A recomputation, inside the backward, runs the sub-modules' forward hooks
     again, and DeepSpeed's bookkeeping breaks (0.19.8, 2 ranks, StyleGAN2's Dmain backward:
-    "AssertionError: active_backward_submodules is empty during backward pass"). ZeRO stages
-    0-2 partition no parameters and train exactly with it."""
+    "AssertionError: active_backward_submodules is empty during backward pass"). Making each
+    checkpointed unit a ZeRO-3 leaf module (`deepspeed.utils.set_z3_leaf_module`: hooks on the
+    unit only) gets past that, but a leaf reduces its gradients in a backward hook of each call,
+    and D is called twice per update (reals, fakes): "assert len(set(p.ds_id for p in
+    params_in_bucket)) == len(params_in_bucket)" in stage3.py, even for DCGAN without a penalty.
+    ZeRO stages 0-2 partition no parameters and train exactly with it."""
     if stage == 3:
         raise ConfigError(f"{KEY} cannot be combined with DeepSpeed ZeRO-3 ({source}): use ZeRO stage 0-2, "
                           f"or parallel.strategy=fsdp (sharded parameters with checkpointing), or {KEY}=false")
