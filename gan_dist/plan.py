@@ -443,7 +443,7 @@ def simulate(job: dict) -> dict:
             # Module.to would try to swap fake parameters (torch refuses); they are on the
             # planner's device already, so prepare_module's move is a no-op here
             m.to = functools.partial(lambda self, *a, **k: self, m)
-        strategy.setup(G, D, optimizer_factory(cfg.train, recipe), spec.shard_units)
+        strategy.setup(G, D, optimizer_factory(cfg.train, recipe), spec.shard_units, spec.checkpoint_units)
         mode = FakeTensorMode(allow_non_fake_inputs=True)
         with mode:
             for m in (G, D):
@@ -528,7 +528,8 @@ def profile(job: dict) -> dict:
     with FakeTensorMode(allow_non_fake_inputs=True):
         for m in (G, D):
             m.to_empty(device="cpu")
-        strategy.setup(G, D, lambda name, params, **kw: torch.optim.SGD(params, lr=0.0), spec.shard_units)
+        strategy.setup(G, D, lambda name, params, **kw: torch.optim.SGD(params, lr=0.0), spec.shard_units,
+                       spec.checkpoint_units)
         counted = _every(recipe)
         flops = FlopCounterMode(display=False)
         # its per-module tracker's backward hooks are refused inside autograd.grad (a penalty);
