@@ -21,6 +21,13 @@ weights into the reference's by an explicit name map (`reference_name`), and pri
 differences of the mapping's w, the synthesis images, D's logits, R1's input gradient, path
 length's J_w^T y and the parameter gradients of both penalties, in fp32 and in float64
 (benchmarks/results/stylegan2_reference_outputs.json).
+
+    python benchmarks/stylegan2_reference.py --ref /path/to/stylegan2-ada-pytorch --train-digits 400 --threads 1
+
+trains configs/stylegan2_digits.yaml on both sides (gan_dist's trainer; the reference's phase
+loop on the bundled digits with its G EMA) and prints the EMA generators' digits FD every
+`--eval-every` steps (benchmarks/results/stylegan2_reference_digits.md): how the reference's own
+recipe learns at this size, next to gan_dist's.
 """
 from __future__ import annotations
 
@@ -44,7 +51,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common  # noqa: E402
 from benchmarks.peers import alternate, gan_dist_step  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
 R1_GAMMA, G_EVERY, D_EVERY, LR = 0.0064, 4, 16, 0.0025
 
 
@@ -57,7 +65,10 @@ def gan_dist_side(model: str, batch: int, overrides: list[str],
     return gan_dist_step(cfg, batch)
 
 
-def reference_side(ref: Path, cfg: Any, batch: int) -> tuple[Callable[[int], None], dict[str, Any]]:
+def reference_side(ref: Path, cfg: Any, batch: int, next_real: Callable[[], torch.Tensor] | None = None,
+                   seed: int = 0) -> tuple[Callable[[int], None], dict[str, Any]]:
+    """The reference's training iteration (its phases and lazy intervals) as `step(i)`, on
+    random images or on `next_real()`'s batches; the info holds its parameter counts and G."""
     sys.modules.setdefault("requests", types.ModuleType("requests"))  # imported by dnnlib, used to download
     sys.path.insert(0, str(ref))
     from training.loss import StyleGAN2Loss
@@ -66,7 +77,7 @@ def reference_side(ref: Path, cfg: Any, batch: int) -> tuple[Callable[[int], Non
     from gan_dist.models.stylegan2 import sizes
 
     s, sg, R, C = sizes(cfg.model.stylegan2), cfg.model.stylegan2, cfg.model.resolution, cfg.model.channels
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     G = Generator(z_dim=sg.z_dim, c_dim=0, w_dim=sg.w_dim, img_resolution=R, img_channels=C,
                   mapping_kwargs=dict(num_layers=s["mapping_layers"]),
                   synthesis_kwargs=dict(channel_base=s["channel_base"], channel_max=s["channel_max"],
@@ -81,11 +92,11 @@ def reference_side(ref: Path, cfg: Any, batch: int) -> tuple[Callable[[int], Non
         ratio = k / (k + 1)
         opt = torch.optim.Adam(module.parameters(), lr=LR * ratio, betas=(0.0, 0.99 ** ratio), eps=1e-8)
         phases += [(name + "main", module, opt, 1), (name + "reg", module, opt, k)]
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     c = torch.zeros(batch, 0)
 
     def step(i: int) -> None:
-        real = torch.rand(batch, C, R, R, generator=gen) * 2 - 1
+        real = next_real() if next_real is not None else torch.rand(batch, C, R, R, generator=gen) * 2 - 1
         for name, module, opt, every in phases:  # training_loop.py's phase loop, one round
             if i % every:
                 continue
@@ -100,7 +111,7 @@ def reference_side(ref: Path, cfg: Any, batch: int) -> tuple[Callable[[int], Non
             opt.step()
 
     counts = {"G": sum(p.numel() for p in G.parameters()), "D": sum(p.numel() for p in D.parameters())}
-    return step, {"params": counts}
+    return step, {"params": counts, "G": G}
 
 
 # ---- --check-outputs: the same weights and inputs through both networks ----------------------
@@ -368,6 +379,100 @@ def check_outputs(args: argparse.Namespace, ref: Path, revision: str) -> None:
     print("\n".join(lines))
 
 
+# ---- --train-digits: both sides train the digits demo; the EMA generators' digits FD -------------
+DIGITS_CONFIG = "configs/stylegan2_digits.yaml"
+
+
+def _reference_digits_curve(ref: Path, steps: int, every: int, seed: int) -> dict[int, dict[str, float]]:
+    """The reference trained on the bundled digits with the demo config's sizes and recipe (its
+    phases, lazy intervals, batch, G EMA with ramp-up as its training loop keeps it); its EMA
+    generator's digits FD (gan_dist's metric, 2000 samples against all digits) every `every` steps."""
+    from gan_dist.config import load_config
+    from gan_dist.data.demo import demo_images
+    from gan_dist.metrics.digits import class_coverage, digits_fd, digits_stats, load_digits_extractor
+
+    cfg = load_config(REPO / DIGITS_CONFIG, [f"run.seed={seed}"])
+    batch, z_dim = cfg.train.batch_size, cfg.model.stylegan2.z_dim
+    u8, _ = demo_images()
+    data = torch.from_numpy(u8).float().unsqueeze(1) / 127.5 - 1  # as the shards decode
+    gen = torch.Generator().manual_seed(seed)
+    step, info = reference_side(ref, cfg, batch, lambda: data[torch.randint(len(data), (batch,), generator=gen)], seed)
+    G = info["G"]
+    G_ema = copy.deepcopy(G).eval()
+    extractor = load_digits_extractor()
+    real_stats = digits_stats(data, extractor)
+    curve = {}
+
+    def evaluate(i: int) -> None:
+        zg = torch.Generator().manual_seed(12345)
+        with torch.no_grad():
+            imgs = torch.cat([G_ema(torch.randn(250, z_dim, generator=zg), torch.zeros(250, 0)).clamp(-1, 1)
+                              for _ in range(cfg.eval.num_samples // 250)])
+        curve[i] = {"digits_fd": round(digits_fd(imgs, real_stats, extractor), 2),
+                    "class_coverage": int(class_coverage(imgs, extractor=extractor).covered)}
+        print(json.dumps({"side": "reference", "seed": seed, "step": i, **curve[i]}), flush=True)
+
+    evaluate(0)
+    for i in range(steps):
+        step(i)
+        nimg = (i + 1) * batch  # training_loop.py's G EMA: half-life ema_kimg, ramped up
+        ema_nimg = cfg.ema.half_life_kimg * 1000
+        if cfg.ema.rampup is not None:
+            ema_nimg = min(ema_nimg, nimg * cfg.ema.rampup)
+        beta = 0.5 ** (batch / max(ema_nimg, 1e-8))
+        with torch.no_grad():
+            for p_ema, p in zip(G_ema.parameters(), G.parameters()):
+                p_ema.copy_(p.lerp(p_ema, beta))
+            for b_ema, b in zip(G_ema.buffers(), G.buffers()):
+                b_ema.copy_(b)
+        if (i + 1) % every == 0:
+            evaluate(i + 1)
+    return curve
+
+
+def _gan_dist_digits_curve(steps: int, every: int, seed: int, threads: int) -> dict[int, dict[str, float]]:
+    """gan_dist's trainer on the demo config (its own evaluation: the EMA generator's digits FD)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "gan_dist.train", "--config", DIGITS_CONFIG, f"train.steps={steps}",
+                        f"eval.every={every}", "train.sample_every=100000", "train.ckpt_every=100000",
+                        f"run.seed={seed}", f"run.threads={threads}", f"run.dir={tmp}/run"],
+                       cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        rows = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+    curve = {r["step"]: {"digits_fd": round(r["digits_fd"], 2), "class_coverage": r["class_coverage"]} for r in rows}
+    print(json.dumps({"side": "gan_dist", "seed": seed, "curve": curve}), flush=True)
+    return curve
+
+
+def train_digits(args: argparse.Namespace, ref: Path, revision: str) -> None:
+    result: dict[str, Any] = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "reference": {"repo": "NVlabs/stylegan2-ada-pytorch", "revision": revision},
+        "config": DIGITS_CONFIG, "steps": args.train_digits, "eval_every": args.eval_every, "threads": args.threads,
+        "metric": "digits FD of the EMA generator, 2000 samples against all 1797 digits", "seeds": {},
+    }
+    for seed in args.seeds:
+        result["seeds"][seed] = {
+            "gan_dist": _gan_dist_digits_curve(args.train_digits, args.eval_every, seed, args.threads),
+            "reference": _reference_digits_curve(ref, args.train_digits, args.eval_every, seed)}
+    out = Path(args.out) if args.out else RESULTS / "stylegan2_reference_digits.json"
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    lines = [f"# StyleGAN2 on the bundled digits: gan_dist and stylegan2-ada-pytorch {revision[:7]} trained alike",
+             "", f"`{result['command']}`", "",
+             f"Both train {DIGITS_CONFIG}'s sizes and recipe for {args.train_digits} steps (batch 32, "
+             "fp32 on the reference's side, the config's bf16 on gan_dist's); "
+             f"{result['metric']}. The seeds set each side's own initialisation and draws: the two "
+             "curves of a seed are two runs, not one run twice.", "",
+             "| seed | side | " + " | ".join(str(k) for k in range(0, args.train_digits + 1, args.eval_every)) + " |",
+             "|---|---|" + "---:|" * (args.train_digits // args.eval_every + 1)]
+    for seed, sides in result["seeds"].items():
+        for side, curve in sides.items():
+            lines.append(f"| {seed} | {side} | " + " | ".join(f"{curve[k]['digits_fd']:.1f}" for k in sorted(curve)) + " |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ref", required=True, help="a checkout of NVlabs/stylegan2-ada-pytorch")
@@ -388,6 +493,11 @@ def main() -> None:
                         "settings and print the differences of their outputs on the same inputs (fp32)")
     p.add_argument("--settings", nargs="*", default=None, metavar="NAME",
                    help=f"with --check-outputs, only these of: {', '.join(s[0] for s in CHECK_SETTINGS)}")
+    p.add_argument("--train-digits", type=int, default=0, metavar="STEPS",
+                   help=f"instead of timing: train {DIGITS_CONFIG} for STEPS steps on both sides and print the "
+                        "EMA generators' digits FD curves (benchmarks/results/stylegan2_reference_digits.md)")
+    p.add_argument("--eval-every", type=int, default=50, help="with --train-digits: steps between evaluations")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="with --train-digits")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     ref = Path(args.ref).resolve()
@@ -395,6 +505,9 @@ def main() -> None:
                                                text=True).stdout.strip()
     if args.check_outputs:
         check_outputs(args, ref, revision)
+        return
+    if args.train_digits:
+        train_digits(args, ref, revision)
         return
 
     precisions = [x.strip() for x in args.precision.split(",") if x.strip()]
