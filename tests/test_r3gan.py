@@ -315,6 +315,9 @@ def test_every_preset_config_trains_on_a_cpu(preset):
         stats = train_step(strategy, recipe, batches, step)
         assert all(math.isfinite(v.item()) for v in stats.values()), stats
     assert recipe.gammas["r1"] == schedules.in_force["reg.r1_gamma"] > 0
+    # the reference's augmentation: ADA with R3GAN's pipe, p on its schedule (0 at the start)
+    assert recipe.augment.ops[-1] == "cutout" and recipe.augment.scales["hue"] == 0.5
+    assert recipe.augment.fixed and recipe.augment.p.item() == schedules.in_force["augment.p"] == 0.0
     for n in ("G", "D"):
         assert any(not torch.equal(a, b) for a, b in zip(before[n], strategy.raw[n].parameters())), n
     strategy.close()
