@@ -383,7 +383,8 @@ def check_outputs(args: argparse.Namespace, ref: Path, revision: str) -> None:
 DIGITS_CONFIG = "configs/stylegan2_digits.yaml"
 
 
-def _reference_digits_curve(ref: Path, steps: int, every: int, seed: int) -> dict[int, dict[str, float]]:
+def _reference_digits_curve(ref: Path, steps: int, every: int, seed: int,
+                            overrides: list[str]) -> dict[int, dict[str, float]]:
     """The reference trained on the bundled digits with the demo config's sizes and recipe (its
     phases, lazy intervals, batch, G EMA with ramp-up as its training loop keeps it); its EMA
     generator's digits FD (gan_dist's metric, 2000 samples against all digits) every `every` steps."""
@@ -391,7 +392,7 @@ def _reference_digits_curve(ref: Path, steps: int, every: int, seed: int) -> dic
     from gan_dist.data.demo import demo_images
     from gan_dist.metrics.digits import class_coverage, digits_fd, digits_stats, load_digits_extractor
 
-    cfg = load_config(REPO / DIGITS_CONFIG, [f"run.seed={seed}"])
+    cfg = load_config(REPO / DIGITS_CONFIG, [*overrides, f"run.seed={seed}"])
     batch, z_dim = cfg.train.batch_size, cfg.model.stylegan2.z_dim
     u8, _ = demo_images()
     data = torch.from_numpy(u8).float().unsqueeze(1) / 127.5 - 1  # as the shards decode
@@ -430,13 +431,14 @@ def _reference_digits_curve(ref: Path, steps: int, every: int, seed: int) -> dic
     return curve
 
 
-def _gan_dist_digits_curve(steps: int, every: int, seed: int, threads: int) -> dict[int, dict[str, float]]:
+def _gan_dist_digits_curve(steps: int, every: int, seed: int, threads: int,
+                           overrides: list[str]) -> dict[int, dict[str, float]]:
     """gan_dist's trainer on the demo config (its own evaluation: the EMA generator's digits FD)."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run([sys.executable, "-m", "gan_dist.train", "--config", DIGITS_CONFIG, f"train.steps={steps}",
-                        f"eval.every={every}", "train.sample_every=100000", "train.ckpt_every=100000",
+                        f"eval.every={every}", "train.sample_every=100000", "train.ckpt_every=100000", *overrides,
                         f"run.seed={seed}", f"run.threads={threads}", f"run.dir={tmp}/run"],
                        cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         rows = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -449,18 +451,18 @@ def train_digits(args: argparse.Namespace, ref: Path, revision: str) -> None:
     result: dict[str, Any] = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "reference": {"repo": "NVlabs/stylegan2-ada-pytorch", "revision": revision},
-        "config": DIGITS_CONFIG, "steps": args.train_digits, "eval_every": args.eval_every, "threads": args.threads,
+        "config": DIGITS_CONFIG, "overrides": args.overrides, "steps": args.train_digits, "eval_every": args.eval_every, "threads": args.threads,
         "metric": "digits FD of the EMA generator, 2000 samples against all 1797 digits", "seeds": {},
     }
     for seed in args.seeds:
         result["seeds"][seed] = {
-            "gan_dist": _gan_dist_digits_curve(args.train_digits, args.eval_every, seed, args.threads),
-            "reference": _reference_digits_curve(ref, args.train_digits, args.eval_every, seed)}
+            "gan_dist": _gan_dist_digits_curve(args.train_digits, args.eval_every, seed, args.threads, args.overrides),
+            "reference": _reference_digits_curve(ref, args.train_digits, args.eval_every, seed, args.overrides)}
     out = Path(args.out) if args.out else RESULTS / "stylegan2_reference_digits.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     lines = [f"# StyleGAN2 on the bundled digits: gan_dist and stylegan2-ada-pytorch {revision[:7]} trained alike",
              "", f"`{result['command']}`", "",
-             f"Both train {DIGITS_CONFIG}'s sizes and recipe for {args.train_digits} steps (batch 32, "
+             f"Both train {DIGITS_CONFIG}'s sizes and recipe (overrides: {args.overrides or 'none'}) for {args.train_digits} steps (batch 32, "
              "fp32 on the reference's side, the config's bf16 on gan_dist's); "
              f"{result['metric']}. The seeds set each side's own initialisation and draws: the two "
              "curves of a seed are two runs, not one run twice.", "",
