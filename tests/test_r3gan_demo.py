@@ -5,12 +5,11 @@ far below its value at initialisation and below a threshold calibrated over seve
 `python scripts/calibrate_demo_fd.py --test tests/test_r3gan_demo.py --seeds 0 1 2 --parallel 2`)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
-from tests._mp import PYTHON, REPO, run
+from tests._demo import train_as_calibrated
 
 CONFIG = "configs/r3gan_digits.yaml"
 # the demo config at its own length (its schedules end there); evaluated at the start and at the end (EMA generator)
@@ -23,16 +22,8 @@ CALIBRATION = Path(__file__).with_name("r3gan_demo_calibration.json")
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # see the calibration's wall_s (one thread each); far longer on a busy machine
 def test_r3gan_demo_digits_fd_falls_below_the_calibrated_threshold(tmp_path):
-    cal = json.loads(CALIBRATION.read_text())
-    assert (cal.get("config"), cal["overrides"]) == (CONFIG, OVERRIDES), \
-        "the calibration is for another config or length: rerun scripts/calibrate_demo_fd.py --test " + __file__
     run_dir = tmp_path / "run"
-    # one thread, as calibrated: the same arithmetic as seed 0's calibration run
-    run([PYTHON, "-m", "gan_dist.train", "--config", CONFIG, *OVERRIDES, "run.threads=1", f"run.dir={run_dir}"],
-        timeout=1700, cwd=REPO)
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [0, STEPS]
-    init, final = rows[0], rows[-1]
+    cal, init, final = train_as_calibrated(run_dir, CONFIG, OVERRIDES, CALIBRATION, STEPS, __file__)
     assert final["digits_fd"] < cal["threshold"] < cal["min_fd_init"], (init, final)
     # R3GAN's G at initialisation (fix-up: every block the identity) already makes smooth blobs
     # that some seeds place at an FD under 100: the ratio is smaller than the DCGAN demo's

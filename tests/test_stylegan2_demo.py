@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests._mp import PYTHON, REPO, run
+from tests._demo import train_as_calibrated
 
 CONFIG = "configs/stylegan2_digits.yaml"
 # the demo config, shorter; evaluated at the start and at the end (EMA generator)
@@ -27,16 +27,8 @@ CALIBRATION = Path(__file__).with_name("stylegan2_demo_calibration.json")
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # see the calibration's wall_s; far longer on a busy machine
 def test_stylegan2_demo_digits_fd_falls_below_the_calibrated_threshold(tmp_path):
-    cal = json.loads(CALIBRATION.read_text())
-    assert (cal.get("config"), cal["overrides"]) == (CONFIG, OVERRIDES), \
-        "the calibration is for another config or length: rerun scripts/calibrate_demo_fd.py --test " + __file__
     run_dir = tmp_path / "run"
-    # two threads, as calibrated: the same arithmetic as seed 0's calibration run
-    run([PYTHON, "-m", "gan_dist.train", "--config", CONFIG, *OVERRIDES, "run.threads=2", f"run.dir={run_dir}"],
-        timeout=1700, cwd=REPO)
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [0, STEPS]
-    init, final = rows[0], rows[-1]
+    cal, init, final = train_as_calibrated(run_dir, CONFIG, OVERRIDES, CALIBRATION, STEPS, __file__, threads=2)
     assert final["digits_fd"] < cal["threshold"], (init, final)
     assert init["digits_fd"] > 1.5 * final["digits_fd"], (init, final)
     assert final["class_coverage"] >= cal["min_class_coverage"]
