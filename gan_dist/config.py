@@ -282,7 +282,7 @@ def validate(cfg: Config) -> None:
     if k != "auto" and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
         raise ConfigError(f"model.num_classes={k!r} must be an integer >= 0 (0: unconditional) or auto (from the data)")
     from gan_dist.augment import validate as validate_augment
-    validate_augment(cfg.augment)  # augment.kind, policy, pipeline, target, p
+    validate_augment(cfg.augment)  # augment.kind, policy, pipeline, p_scale, target (p: schedules.validate)
     from gan_dist.models import FAMILIES, model_spec
 
     if cfg.model.arch not in FAMILIES:

@@ -8,6 +8,12 @@ from pathlib import Path
 from tests._mp import PYTHON, REPO, run
 
 
+def demo_overrides(steps: int) -> list[str]:
+    """A demo's run shortened to `steps`, evaluated at the start and at the end only, with no
+    sample grids or checkpoints in between (what the calibration records as `overrides`)."""
+    return [f"train.steps={steps}", f"eval.every={steps}", "train.sample_every=100000", "train.ckpt_every=100000"]
+
+
 def train_as_calibrated(run_dir: Path, config: str, overrides: list[str], calibration: Path, steps: int,
                         test_file: str, threads: int = 1) -> tuple[dict, dict, dict]:
     """(calibration, first evaluation, last evaluation) of the demo trained with `threads`

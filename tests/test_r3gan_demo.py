@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from tests._demo import train_as_calibrated
+from tests._demo import demo_overrides, train_as_calibrated
 
 CONFIG = "configs/r3gan_digits.yaml"
 # the demo config at its own length (its schedules end there); evaluated at the start and at the end (EMA generator)
 STEPS = 1000
-OVERRIDES = [f"train.steps={STEPS}", f"eval.every={STEPS}", "train.sample_every=100000", "train.ckpt_every=100000"]
+OVERRIDES = demo_overrides(STEPS)
 MARGIN = 1.5  # threshold = worst calibrated final FD x MARGIN
 CALIBRATION = Path(__file__).with_name("r3gan_demo_calibration.json")
 

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from tests._demo import train_as_calibrated
+from tests._demo import demo_overrides, train_as_calibrated
 
 CONFIG = "configs/stylegan2_digits.yaml"
 # the demo config, shorter; evaluated at the start and at the end (EMA generator)
 STEPS = 400
-OVERRIDES = [f"train.steps={STEPS}", f"eval.every={STEPS}", "train.sample_every=100000", "train.ckpt_every=100000"]
+OVERRIDES = demo_overrides(STEPS)
 MARGIN = 1.25  # threshold = worst calibrated final FD x MARGIN
 CALIBRATION = Path(__file__).with_name("stylegan2_demo_calibration.json")
 

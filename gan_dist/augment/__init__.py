@@ -61,8 +61,6 @@ def validate(aug_cfg: Any) -> None:
             raise _error(f"augment.p_scale.{op}={scale!r} must be a number >= 0 (the op's probability is p x it)")
     if not 0 < aug_cfg.target < 1:
         raise _error(f"augment.target={aug_cfg.target!r} must be in (0, 1) (ADA's wanted E[sign(D(x_real))], e.g. 0.6)")
-    from gan_dist.schedules import parse
-    parse("augment.p", aug_cfg.p)  # a number in [0, 1], a schedule within it, or null
     if not 0 <= aug_cfg.p_init <= 1:
         raise _error(f"augment.p_init={aug_cfg.p_init!r} must be in [0, 1]")
     if aug_cfg.interval <= 0:
@@ -148,7 +146,7 @@ class ADA(Augment):
 
     def set_p(self, p: float) -> None:
         """A fixed p moved by a schedule (the same value on every rank, from the image count)."""
-        self.p = torch.tensor(float(p), device=self.p.device)
+        self.p = torch.full_like(self.p, float(p))  # a fill on the device: no host-to-device copy
 
     def _on(self, device: torch.device) -> None:
         if self.p.device != device:
